@@ -1,0 +1,82 @@
+"""Self-describing checkpoints: written atomically, read without unpickling arbitrary objects."""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kmnist import __version__
+from kmnist.errors import KmnistError
+from kmnist.files import atomic_writer
+from kmnist.models import create_model
+
+FORMAT = "kmnist-checkpoint"
+FORMAT_VERSION = 1
+
+
+def atomic_torch_save(payload: Any, path: str | Path) -> None:
+    """torch.save through a temporary file and a rename: a crash never leaves half a checkpoint."""
+    with atomic_writer(path) as out:
+        torch.save(payload, out)
+
+
+def make_checkpoint(model: nn.Module, *, model_name: str, model_args: dict[str, Any], class_names: list[str],
+                    dataset: str, normalization: dict[str, float], config: dict[str, Any],
+                    epoch: int, metrics: dict[str, Any], training_state: dict[str, Any] | None = None) -> dict:
+    """Everything needed to rebuild and use the model, and (optionally) to resume training."""
+    payload = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kmnist_version": __version__,
+        "torch_version": str(torch.__version__),
+        "model": model_name,
+        "model_args": dict(model_args),
+        "num_classes": len(class_names),
+        "class_names": list(class_names),
+        "dataset": dataset,
+        "normalization": dict(normalization),
+        "config": config,
+        "epoch": epoch,
+        "metrics": dict(metrics),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    if training_state is not None:
+        payload["training_state"] = training_state
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read a checkpoint with torch.load(weights_only=True); anything else is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        raise KmnistError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
+        raise KmnistError(f"{path}: not a readable kmnist checkpoint ({reason[:200]})") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise KmnistError(f"{path}: not a kmnist checkpoint (no '{FORMAT}' header)")
+    if payload.get("format_version", 0) > FORMAT_VERSION:
+        raise KmnistError(f"{path}: checkpoint format {payload['format_version']} is newer than this kmnist reads")
+    return payload
+
+
+def model_from_checkpoint(payload: dict, expected_model: str | None = None, source: str = "checkpoint") -> nn.Module:
+    """Rebuild the model a checkpoint describes and load its weights (in eval mode)."""
+    name = payload["model"]
+    if expected_model is not None and expected_model != name:
+        raise KmnistError(f"{source} holds model {name!r}, not {expected_model!r}")
+    model = create_model(name, num_classes=payload["num_classes"], **payload["model_args"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise KmnistError(f"{source}: weights do not fit model {name!r} ({first[:200]})") from None
+    return model.eval()

@@ -1,0 +1,280 @@
+"""The `kmnist` command line: thin glue from options to configs and library calls."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from kmnist import __version__
+from kmnist.config import FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file, parse_scalar, resolve_config
+from kmnist.errors import KmnistError
+
+EPOCH_COLUMNS = (("epoch", "{:>5}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"), ("val_loss", "{:>8.4f}"),
+                 ("val_acc", "{:>7.2f}"), ("test_acc", "{:>8.2f}"), ("lr", "{:>8.1e}"), ("epoch_seconds", "{:>7.1f}"))
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# shared options
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", metavar="DIR",
+                        help="folder of the dataset files (else $KMNIST_DATA, else the user cache folder)")
+    parser.add_argument("--skip-md5", action="store_true",
+                        help="accept files whose md5 differs from the official release (your own files in the "
+                             "official format); their structure is still checked")
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """One option per TrainConfig field, defaults shown; unset options leave the config untouched."""
+    defaults = TrainConfig()
+    group = parser.add_argument_group("training configuration (defaults: the report's final configuration)")
+    group.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")
+    group.add_argument("--config", metavar="FILE", help="TOML or YAML file of config fields; options here override it")
+    for name, field in FIELDS.items():
+        if name == "model_args":
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = getattr(defaults, name)
+        help_text = f"{field.metadata.get('help', '')} (default: {default})"
+        if isinstance(default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        else:
+            group.add_argument(flag, metavar=type(default).__name__.upper(), default=None, help=help_text)
+    group.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a model argument, e.g. --model-arg patch=7 (repeatable; see `kmnist models`)")
+
+
+def parse_key_values(items: Sequence[str], what: str) -> dict[str, Any]:
+    values = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise KmnistError(f"{what} must look like KEY=VALUE, got {item!r}")
+        values[key.strip().replace("-", "_")] = parse_scalar(value)
+    return values
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    overrides = {name: getattr(args, name) for name in FIELDS if name != "model_args"}
+    file_values = load_config_file(args.config) if args.config else {}
+    model_args = parse_key_values(args.model_arg, "--model-arg")
+    if model_args:
+        overrides["model_args"] = {**(file_values.get("model_args") or {}), **model_args}
+    return resolve_config(preset=args.preset, file_values=file_values, overrides=overrides)
+
+
+def data_dir_from_args(args: argparse.Namespace) -> Path:
+    from kmnist.data import default_data_dir
+
+    return Path(args.data_dir or os.environ.get("KMNIST_DATA") or default_data_dir())
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    return not getattr(args, "no_progress", False)
+
+
+# ---------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from kmnist.data import fetch, get_spec, load_dataset
+
+    data_dir = data_dir_from_args(args)
+    spec = get_spec(args.dataset)
+    formats = list(spec.formats) if args.format == "all" else [args.format or spec.download_format]
+    for fmt in formats:
+        if fmt not in spec.formats:
+            raise KmnistError(f"{spec.name} is released as {', '.join(spec.formats)}, not {fmt}")
+        fetch(spec, data_dir, fmt, progress=show_progress(args))
+    dataset = load_dataset(args.dataset, data_dir, download=False, check_md5=not args.skip_md5)  # verifies
+    print(f"{spec.name}: {len(dataset.train)} train and {len(dataset.test)} test images, "
+          f"{dataset.num_classes} classes, verified, in {data_dir}")
+    return 0
+
+
+def format_row(row: dict[str, Any]) -> str:
+    return " ".join(fmt.format(row[name]) for name, fmt in EPOCH_COLUMNS)
+
+
+def format_header() -> str:
+    return " ".join(f"{name.replace('_seconds', '_s'):>{len(fmt.format(0))}}" for name, fmt in EPOCH_COLUMNS)
+
+
+def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+    def pct(value: Any) -> str:
+        return "n/a" if value is None else f"{value:.2f}%"
+
+    print(f"\nsummary ({run_dir}):")
+    print(f"  final test accuracy          {pct(summary['final_test_acc'])}")
+    print(f"  final training loss          {summary['final_train_loss']:.4f}")
+    print(f"  final training accuracy      {pct(summary['final_train_acc'])}")
+    if summary["best_epoch"] is not None:
+        print(f"  best validation accuracy     {pct(summary['best_val_acc'])} (epoch {summary['best_epoch']})")
+        print(f"  test accuracy at that epoch  {pct(summary['test_acc_at_best_val'])}   <- the honest estimate")
+    print(f"  maximum test accuracy        {pct(summary['max_test_acc'])} (epoch {summary['max_test_epoch']}; "
+          "test-selected, as the report measured it)")
+    print(f"  training time                {summary['train_seconds']:.1f} s "
+          f"({summary['seconds_per_epoch']:.1f} s per epoch)")
+
+
+def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir: Path) -> None:
+    """With --resume, options may repeat the saved configuration (the same command again) but not change it."""
+    from kmnist import runs
+
+    if not (run_dir / runs.CONFIG).is_file():
+        raise KmnistError(f"cannot resume: {run_dir} holds no {runs.CONFIG}")
+    saved = runs.read_json(run_dir / runs.CONFIG)
+    given = [name for name in FIELDS if name not in PLACEMENT_FIELDS and name != "model_args"
+             and getattr(args, name, None) is not None]
+    if args.model_arg:
+        given.append("model_args")
+    if args.config or args.preset:  # these may set any field
+        given = [name for name in FIELDS if name not in PLACEMENT_FIELDS]
+    changed = [name for name in given if getattr(config, name) != saved.get(name)]
+    if changed:
+        raise KmnistError(f"--resume continues {run_dir} with its saved configuration; these options differ from "
+                          f"it: {', '.join('--' + name.replace('_', '-') for name in changed)}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kmnist.runner import train_run
+
+    config = config_from_args(args)
+    if args.resume:
+        run_dir = Path(args.resume)
+        check_resume_options(args, config, run_dir)
+    else:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
+    data_dir = data_dir_from_args(args)
+    progress = show_progress(args)
+    print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "
+          f"run directory {run_dir}", flush=True)
+    header_printed = False
+
+    def on_epoch(row: dict[str, Any]) -> None:
+        nonlocal header_printed
+        if not header_printed:
+            tqdm.write(format_header())
+            header_printed = True
+        tqdm.write(format_row(row))
+
+    try:
+        summary = train_run(config, run_dir, data_dir, resume=bool(args.resume), progress=progress,
+                            on_epoch=on_epoch, check_md5=not args.skip_md5)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished epochs are saved. Continue with: kmnist train --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    print_summary(summary, run_dir)
+    print(f"  files: {', '.join(sorted(p.name for p in run_dir.iterdir() if not p.name.startswith('.')))}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from kmnist.evaluate import evaluate_checkpoints
+
+    result = evaluate_checkpoints(args.checkpoints, data_dir_from_args(args), split=args.split,
+                                  device=args.device or "auto", expected_model=args.model, out=args.out,
+                                  batch_size=args.batch_size, check_md5=not args.skip_md5)
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+        return 0
+    print(f"{result['split']} split of {result['dataset']}: {result['count']} images, "
+          f"{len(result['checkpoints'])} checkpoint(s)")
+    print(f"  accuracy           {result['accuracy']:.2f}%")
+    print(f"  balanced accuracy  {result['balanced_accuracy']:.2f}%")
+    print("  per class          " + "  ".join(f"{name} {acc:.1f}" for name, acc in result["per_class_accuracy"].items()))
+    print(f"  confusion matrix   {result['confusion_matrix_png']}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from kmnist.models import list_models, model_defaults
+
+    for name in list_models():
+        arguments = ", ".join(f"{k}={v}" for k, v in model_defaults(name).items())
+        print(f"{name}: {arguments}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# parser
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="kmnist", description="Train, evaluate, compare and serve Kuzushiji-MNIST/K49 classifiers.")
+    parser.add_argument("--version", action="version", version=f"kmnist {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+
+    download = commands.add_parser("download", help="fetch and verify a dataset's official files",
+                                   description="Fetch (if missing) and verify the official files of a dataset.")
+    add_data_options(download)
+    download.add_argument("--dataset", choices=("kmnist", "k49"), default="kmnist", help="(default: kmnist)")
+    download.add_argument("--format", choices=("idx", "npz", "all"), default=None,
+                          help="file format to fetch (default: idx for kmnist, npz for k49)")
+    download.add_argument("--no-progress", action="store_true", help="no progress bars")
+    download.set_defaults(handler=cmd_download)
+
+    train = commands.add_parser("train", help="train a model; writes a run directory",
+                                description="Train a model and write a run directory: config, metrics.csv, "
+                                            "summary.json, checkpoints, learning curves, confusion matrix.")
+    add_data_options(train)
+    train.add_argument("--out", metavar="DIR", help="run directory (default: runs/<dataset>-<model>-<time>)")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bars (one line per epoch only)")
+    add_config_options(train)
+    train.set_defaults(handler=cmd_train)
+
+    evaluate = commands.add_parser("evaluate", help="score checkpoints on the test (or validation) split",
+                                   description="Accuracy, balanced accuracy, per-class accuracy and a confusion "
+                                               "matrix for one checkpoint, or an ensemble of several.")
+    evaluate.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint file(s) (.pt)")
+    add_data_options(evaluate)
+    evaluate.add_argument("--split", choices=("test", "val"), default="test", help="(default: test)")
+    evaluate.add_argument("--model", help="fail unless every checkpoint holds this model")
+    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    evaluate.add_argument("--batch-size", type=int, default=1024, help="images per forward pass (default: 1024)")
+    evaluate.add_argument("--out", metavar="DIR", help="folder for metrics.json and the confusion matrix "
+                                                       "(default: evaluation-<split> beside the first checkpoint)")
+    evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
+    evaluate.set_defaults(handler=cmd_evaluate)
+
+    models = commands.add_parser("models", help="list registered models and their arguments")
+    models.set_defaults(handler=cmd_models)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version, or a bad option (already reported on one line)
+        return stop.code if isinstance(stop.code, int) else 2
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args)
+    except KmnistError as error:
+        print(f"kmnist {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print(f"kmnist {args.command}: interrupted", file=sys.stderr)
+        return 130

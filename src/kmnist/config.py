@@ -1,0 +1,204 @@
+"""The one training configuration: a frozen dataclass, its named presets, and loading from TOML/YAML."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kmnist.errors import KmnistError
+
+DATASETS = ("kmnist", "k49")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _field(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides what a training run computes. Defaults are the report's final configuration."""
+
+    dataset: str = _field("kmnist", "dataset: kmnist or k49")
+    val_size: int = _field(5000, "training images held out (stratified by class) to choose epoch and model; 0 for none")
+    model: str = _field("report-mixer", "registered model name (see `kmnist models`)")
+    model_args: dict[str, Any] = field(default_factory=dict, metadata={"help": "overrides of the model's own defaults"})
+    epochs: int = _field(20, "passes over the training split (report: 20)")
+    batch_size: int = _field(128, "images per optimiser step (report: 128)")
+    optimizer: str = _field("adam", "adam, adamw or sgd (Nesterov) (report: adam)")
+    lr: float = _field(1e-3, "learning rate; the peak for cosine/onecycle (report: 1e-3)")
+    weight_decay: float = _field(5e-4, "adam/sgd: L2 added to the gradient; adamw: decoupled (report: 5e-4)")
+    momentum: float = _field(0.9, "SGD momentum")
+    scheduler: str = _field("plateau", "plateau (on validation accuracy), cosine, onecycle or none (report: plateau)")
+    plateau_patience: int = _field(15, "epochs without validation improvement before the lr drops (report: 15)")
+    plateau_factor: float = _field(0.1, "lr multiplier at each plateau drop")
+    warmup_epochs: float = _field(0.0, "linear warm-up for cosine/onecycle, in epochs")
+    label_smoothing: float = _field(0.0, "cross-entropy label smoothing, 0 to <1")
+    class_weighting: bool = _field(False, "weight the loss by inverse class frequency (imbalanced K49)")
+    seed: int = _field(0, "seed for initialisation, batch order and the validation split")
+    device: str = _field("auto", "auto (CUDA when present, else CPU), cpu or cuda")
+    precision: str = _field("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+    threads: int = _field(0, "CPU threads for torch; 0 keeps torch's default (one per core)")
+    eval_batch_size: int = _field(1024, "images per forward pass when evaluating")
+
+    def __post_init__(self) -> None:
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("scheduler", self.scheduler, SCHEDULERS)
+        _check_choice("device", self.device, DEVICES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        for name in ("epochs", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise KmnistError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise KmnistError(f"lr must be positive, got {self.lr}")
+        for name in ("val_size", "weight_decay", "warmup_epochs", "threads", "plateau_patience"):
+            if getattr(self, name) < 0:
+                raise KmnistError(f"{name} must not be negative, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise KmnistError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 < self.plateau_factor < 1:
+            raise KmnistError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if not isinstance(self.model_args, dict):
+            raise KmnistError("model_args must be a table of name = value")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise KmnistError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+# The report's configurations (Table 4.1 rows and its final model). Values not named keep the
+# defaults above, which are the report's final configuration.
+PRESETS: dict[str, dict[str, Any]] = {
+    "report-final": {},
+    "report-row1": {"batch_size": 64, "lr": 0.01, "epochs": 20},
+    "report-row2": {"batch_size": 128, "lr": 0.01, "epochs": 30},
+    "report-row3": {"batch_size": 256, "lr": 0.001, "epochs": 30},
+}
+
+# Settings that change where or how fast a run computes, not what: they may differ on resume.
+PLACEMENT_FIELDS = ("device", "threads", "eval_batch_size")
+
+
+def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two saved configs describe the same computation (placement aside)."""
+    strip = lambda d: {k: v for k, v in d.items() if k not in PLACEMENT_FIELDS}  # noqa: E731
+    return strip(a) == strip(b)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Convert a value (often a string from the command line) to the type of config field `name`."""
+    if name not in FIELDS:
+        raise KmnistError(f"unknown config field {name!r}; known: {', '.join(FIELDS)}")
+    default = FIELDS[name].default
+    if default is dataclasses.MISSING:  # model_args
+        if not isinstance(value, dict):
+            raise KmnistError(f"{name} must be a table of name = value")
+        return value
+    kind = type(default)
+    if isinstance(value, str) and kind is not str:
+        return parse_scalar(value, kind, name)
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise KmnistError(f"{name} must be of type {kind.__name__}, got {value!r}")
+    return value
+
+
+def parse_scalar(text: str, kind: type | None = None, name: str = "value") -> Any:
+    """Parse a command-line string as bool/int/float (or the given type); strings stay strings."""
+    lowered = text.strip().lower()
+    if kind is bool or (kind is None and lowered in ("true", "false")):
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise KmnistError(f"{name} must be true or false, got {text!r}")
+    if kind in (int, float) or kind is None:
+        for convert in ((int, float) if kind is None else (kind,)):
+            try:
+                return convert(text)
+            except ValueError:
+                if kind is float:
+                    break
+        if kind is int:
+            try:
+                as_float = float(text)
+            except ValueError:
+                as_float = None
+            if as_float is not None and as_float.is_integer():
+                return int(as_float)
+        if kind is not None:
+            raise KmnistError(f"{name} must be a number, got {text!r}")
+    return text
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a TOML or YAML file of config fields (and optionally `preset = "name"`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise KmnistError(f"config file not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".toml":
+            data = tomllib.loads(text)
+        elif path.suffix.lower() in (".yaml", ".yml"):
+            data = yaml.safe_load(text) or {}
+        else:
+            raise KmnistError(f"config file must end in .toml, .yaml or .yml: {path}")
+    except (tomllib.TOMLDecodeError, yaml.YAMLError) as error:
+        reason = str(error).splitlines()[0]
+        raise KmnistError(f"cannot parse config file {path}: {reason}") from None
+    if not isinstance(data, dict):
+        raise KmnistError(f"config file {path} must hold a table of name = value")
+    return data
+
+
+def resolve_config(
+    preset: str | None = None,
+    file_values: dict[str, Any] | None = None,
+    overrides: dict[str, Any] | None = None,
+    base: TrainConfig | None = None,
+) -> TrainConfig:
+    """Defaults, then the preset, then the config file, then command-line overrides (None = not given)."""
+    file_values = dict(file_values or {})
+    preset = overrides.get("preset") if overrides and overrides.get("preset") else preset
+    preset = preset or file_values.pop("preset", None)
+    file_values.pop("preset", None)
+    values: dict[str, Any] = {}
+    if preset is not None:
+        if preset not in PRESETS:
+            raise KmnistError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+        values.update(PRESETS[preset])
+    values.update(file_values)
+    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k != "preset"})
+    model_args = dict(values.pop("model_args", {}) or {})
+    typed = {name: coerce(name, value) for name, value in values.items()}
+    config = base or TrainConfig()
+    # A model named without its own arguments starts from that model's defaults.
+    if "model" in typed and typed["model"] != config.model:
+        config = dataclasses.replace(config, model_args={})
+    merged_args = {**config.model_args, **model_args}
+    return dataclasses.replace(config, **typed, model_args=merged_args)
+
+
+def config_from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config saved by `TrainConfig.to_dict` (unknown keys are an error)."""
+    return resolve_config(file_values=data)

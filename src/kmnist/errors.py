@@ -1,0 +1,17 @@
+"""The one exception type for user mistakes: the CLI prints its message on one line and exits non-zero."""
+
+
+class KmnistError(Exception):
+    """A problem the user can fix (bad option, bad file, missing data); never a bug."""
+
+    exit_code = 2
+
+
+class DataError(KmnistError):
+    """A data file is missing, corrupted or malformed."""
+
+
+class TrainingDiverged(KmnistError):
+    """The loss became NaN or infinite."""
+
+    exit_code = 3

@@ -1,0 +1,64 @@
+"""Scoring checkpoints (one, or an ensemble averaging their probabilities) on a dataset split."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from kmnist import plots, runs
+from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
+from kmnist.data import load_dataset, split_validation
+from kmnist.errors import KmnistError
+from kmnist.metrics import accuracy, balanced_accuracy, confusion_matrix, per_class_accuracy, predict_logits
+from kmnist.train import select_device
+
+
+def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: str = "test",
+                         device: str = "auto", expected_model: str | None = None, out: str | Path | None = None,
+                         batch_size: int = 1024, check_md5: bool = True) -> dict[str, Any]:
+    """Metrics for the mean softmax of the given checkpoints; writes metrics.json and a confusion matrix PNG."""
+    if batch_size < 1:
+        raise KmnistError(f"--batch-size must be at least 1, got {batch_size}")
+    payloads = [load_checkpoint(path) for path in paths]
+    first = payloads[0]
+    for path, payload in zip(paths, payloads):
+        if (payload["dataset"], payload["class_names"]) != (first["dataset"], first["class_names"]):
+            raise KmnistError(f"{path} was trained on {payload['dataset']}, {paths[0]} on {first['dataset']}")
+    models = [model_from_checkpoint(p, expected_model, source=str(path)) for path, p in zip(paths, payloads)]
+    dataset = load_dataset(first["dataset"], data_dir, check_md5=check_md5)
+    if split == "val":
+        config = first["config"]
+        if not config["val_size"]:
+            raise KmnistError(f"{paths[0]} was trained without a validation split")
+        _, images_labels = split_validation(dataset.train, config["val_size"], config["seed"])
+    else:
+        images_labels = dataset.test
+    target = select_device(device)
+    probabilities = torch.zeros(len(images_labels), len(first["class_names"]))
+    for model, payload in zip(models, payloads):
+        logits = predict_logits(model.to(target), images_labels.images, batch_size=batch_size,
+                                **payload["normalization"])
+        probabilities += torch.softmax(logits, dim=1).cpu()
+    probabilities /= len(models)
+    predicted = probabilities.argmax(dim=1)
+    labels = images_labels.labels
+    confusion = confusion_matrix(predicted, labels, len(first["class_names"]))
+    out = Path(out) if out else Path(paths[0]).parent / f"evaluation-{split}"
+    png = plots.confusion_matrix(confusion.numpy(), first["class_names"], out / "confusion_matrix.png",
+                                 title=f"{split} confusion ({len(models)} checkpoint(s))")
+    result = {
+        "dataset": first["dataset"],
+        "split": split,
+        "count": len(labels),
+        "checkpoints": [str(p) for p in paths],
+        "models": [p["model"] for p in payloads],
+        "accuracy": accuracy(predicted, labels),
+        "balanced_accuracy": balanced_accuracy(confusion),
+        "per_class_accuracy": dict(zip(first["class_names"], per_class_accuracy(confusion).tolist())),
+        "confusion_matrix": confusion.tolist(),
+        "confusion_matrix_png": str(png),
+    }
+    runs.write_json(out / "metrics.json", result)
+    return result

@@ -1,0 +1,62 @@
+"""Predictions and the numbers computed from them: accuracy, balanced accuracy, confusion matrices."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kmnist.data import normalize
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast where asked (auto means: on CUDA only); a null context otherwise."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+@torch.inference_mode()
+def predict_logits(model: nn.Module, images: torch.Tensor, mean: float, std: float, batch_size: int = 1024,
+                   precision: str = "auto") -> torch.Tensor:
+    """Logits (N, classes) in float32 for uint8 images (N, 28, 28), on the model's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    with autocast_for(device, precision):
+        for start in range(0, len(images), batch_size):
+            batch = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
+            outputs.append(model(batch).float())
+    model.train(was_training)
+    if not outputs:
+        return torch.empty(0, 0, device=device)
+    return torch.cat(outputs)
+
+
+def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Percent of predictions equal to labels."""
+    return float((predictions == labels).float().mean()) * 100 if len(labels) else float("nan")
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    return float(F.cross_entropy(logits, labels)) if len(labels) else float("nan")
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(classes, classes) counts: row = true class, column = predicted class."""
+    flat = labels.long().cpu() * num_classes + predictions.long().cpu()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> torch.Tensor:
+    """Percent correct per true class (NaN for a class with no examples)."""
+    totals = confusion.sum(dim=1).double()
+    return confusion.diagonal().double() / totals * 100
+
+
+def balanced_accuracy(confusion: torch.Tensor) -> float:
+    """Mean of the per-class accuracies over classes present: K49's official score."""
+    per_class = per_class_accuracy(confusion)
+    return float(per_class[~per_class.isnan()].mean())

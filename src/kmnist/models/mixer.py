@@ -1,0 +1,65 @@
+"""The course report's MLP-Mixer: p x p patches, a Linear + BatchNorm stem, token- and channel-mixing MLP blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kmnist.models.registry import register_model
+
+IMAGE_SIZE = 28
+
+
+def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
+    """(B, 1, H, W) -> (B, (H/p)*(W/p), p*p), patches in row-major order."""
+    batch, _, height, width = images.shape
+    grid_h, grid_w = height // patch, width // patch
+    x = images.reshape(batch, grid_h, patch, grid_w, patch)
+    return x.permute(0, 1, 3, 2, 4).reshape(batch, grid_h * grid_w, patch * patch)
+
+
+class ReportMixerBlock(nn.Module):
+    """Token mixing across patches, then channel mixing within each patch."""
+
+    def __init__(self, tokens: int, channels: int, token_hidden: int, channel_hidden: int, dropout: float,
+                 residual: bool):
+        super().__init__()
+        self.residual = residual
+        self.mlp_tokens = nn.Sequential(
+            nn.Linear(tokens, token_hidden), nn.ReLU(), nn.Linear(token_hidden, tokens), nn.Dropout(dropout)
+        )
+        self.mlp_channels = nn.Sequential(
+            nn.Linear(channels, channel_hidden), nn.ReLU(), nn.Linear(channel_hidden, channels), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, C)
+        mixed = self.mlp_tokens(x.transpose(1, 2)).transpose(1, 2)  # MLP over the token axis
+        x = x + mixed if self.residual else mixed
+        mixed = self.mlp_channels(x)  # MLP over the channel axis
+        return x + mixed if self.residual else mixed
+
+
+@register_model("report-mixer")
+class ReportMixer(nn.Module):
+    """The report's classifier. Its open parts (residual, dropout, width) are arguments; see docs/model.md."""
+
+    def __init__(self, num_classes: int = 10, patch: int = 4, channels: int = 16, token_hidden: int = 512,
+                 channel_hidden: int = 512, blocks: int = 2, dropout: float = 0.0, residual: bool = True):
+        super().__init__()
+        if patch < 1 or IMAGE_SIZE % patch:
+            raise ValueError(f"patch must divide {IMAGE_SIZE} (1, 2, 4, 7, 14 or 28), got {patch}")
+        self.patch = patch
+        tokens = (IMAGE_SIZE // patch) ** 2
+        self.stem = nn.Linear(patch * patch, channels)
+        self.stem_norm = nn.BatchNorm1d(channels)
+        self.blocks = nn.Sequential(*[
+            ReportMixerBlock(tokens, channels, token_hidden, channel_hidden, dropout, residual) for _ in range(blocks)
+        ])
+        self.head = nn.Linear(channels, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, classes)
+        x = self.stem(patchify(images, self.patch))  # (B, T, C)
+        x = self.stem_norm(x.transpose(1, 2)).transpose(1, 2)  # BatchNorm over channels
+        x = self.blocks(x)
+        logits = self.head(x.mean(dim=1))  # mean over tokens
+        return logits

@@ -1,0 +1,70 @@
+"""What a run ran on: code version, library versions and hardware, recorded beside every result."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kmnist import __version__
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_revision() -> str | None:
+    """The commit of the kmnist source tree (with '-dirty' for uncommitted changes), if it is a checkout."""
+    here = Path(__file__).resolve().parent
+    try:
+        revision = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                  timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return revision + ("-dirty" if dirty else "")
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment() -> dict[str, Any]:
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "kmnist": __version__,
+        "git_revision": git_revision(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": package_version("numpy"),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        "gpus": gpus,
+        "command": " ".join(sys.argv),
+    }
+
+
+def hardware_summary(env: dict[str, Any]) -> str:
+    """One line naming the hardware, for tables and logs."""
+    if env.get("gpus"):
+        return f"{env['gpus'][0]} (CUDA {env['cuda']})"
+    return f"{env['cpu']}, {env.get('torch_threads')} threads"

@@ -1,0 +1,85 @@
+"""A whole training run in a run directory: config and environment in, fit, then predictions, summary and figures."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from kmnist import plots, runs
+from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
+from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict
+from kmnist.data import Dataset, load_dataset
+from kmnist.errors import KmnistError
+from kmnist.metrics import confusion_matrix, predict_logits
+from kmnist.models import create_model
+from kmnist.runinfo import environment
+from kmnist.train import fit, select_device
+
+def prepare_run(config: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
+    """Check the run directory and write config.json; on resume, return the saved config instead."""
+    run_dir = Path(run_dir)
+    create_model(config.model, **config.model_args)  # a bad model name or argument fails before any work
+    if resume:
+        if not (run_dir / runs.CONFIG).is_file():
+            raise KmnistError(f"cannot resume: {run_dir} holds no {runs.CONFIG}")
+        saved = config_from_dict(runs.read_json(run_dir / runs.CONFIG))
+        return dataclasses.replace(saved, **{name: getattr(config, name) for name in PLACEMENT_FIELDS})
+    if (run_dir / runs.LAST).exists() or (run_dir / runs.METRICS).exists():
+        raise KmnistError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    runs.write_json(run_dir / runs.CONFIG, config.to_dict())
+    return config
+
+
+def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, resume: bool = False,
+              progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+              dataset: Dataset | None = None, check_md5: bool = True) -> dict[str, Any]:
+    """Train (or resume) one run and leave every output file in run_dir; returns the summary."""
+    run_dir = Path(run_dir)
+    config = prepare_run(config, run_dir, resume)
+    if dataset is None:
+        dataset = load_dataset(config.dataset, data_dir, check_md5=check_md5, progress=progress)
+    runs.write_json(run_dir / runs.ENVIRONMENT, environment())
+    # A run cut off before its first epoch ended has no last.pt: it simply starts again.
+    history = fit(config, dataset, run_dir, resume=resume and (run_dir / runs.LAST).is_file(),
+                  progress=progress, on_epoch=on_epoch)
+    return finish_run(run_dir, dataset, history, device=config.device)
+
+
+def finish_run(run_dir: Path, dataset: Dataset, history: list[dict[str, Any]], device: str = "auto") -> dict:
+    """Test predictions of the validation-selected model, summary.json and the run's figures."""
+    run_dir = Path(run_dir)
+    payload = load_checkpoint(run_dir / runs.BEST)
+    model = model_from_checkpoint(payload).to(select_device(device))
+    logits = predict_logits(model, dataset.test.images, **payload["normalization"])
+    probabilities = torch.softmax(logits, dim=1).cpu().numpy()
+    np.savez_compressed(run_dir / runs.PREDICTIONS, probabilities=probabilities.astype(np.float16),
+                        labels=dataset.test.labels.numpy().astype(np.int16))
+    summary = runs.summarize(history)
+    summary["best_checkpoint_epoch"] = payload["epoch"]
+    runs.write_json(run_dir / runs.SUMMARY, summary)
+    write_run_figures(run_dir, dataset)
+    return summary
+
+
+def write_run_figures(run_dir: Path, dataset: Dataset) -> None:
+    """The run's PNGs, built from its saved files alone."""
+    run_dir = Path(run_dir)
+    config = runs.read_json(run_dir / runs.CONFIG)
+    history = runs.read_metrics(run_dir)
+    plots.learning_curves(history, run_dir / "learning_curves.png",
+                          title=f"{config['model']} on {config['dataset']} ({run_dir.name})")
+    with np.load(run_dir / runs.PREDICTIONS) as saved:
+        probabilities = saved["probabilities"].astype(np.float32)
+        labels = saved["labels"].astype(np.int64)
+    predicted = probabilities.argmax(axis=1)
+    confusion = confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(labels), dataset.num_classes)
+    epoch = runs.read_json(run_dir / runs.SUMMARY).get("best_checkpoint_epoch")
+    plots.confusion_matrix(confusion.numpy(), dataset.class_names, run_dir / "confusion_matrix.png",
+                           title=f"test confusion, model from epoch {epoch} (chosen on validation)")
+    plots.confident_mistakes(dataset.test.images.numpy(), labels, probabilities, dataset.class_names,
+                             run_dir / "confident_mistakes.png")

@@ -1,0 +1,85 @@
+"""The run directory: its file layout, and reading and writing the files a run leaves behind."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from kmnist.files import atomic_writer
+
+CONFIG = "config.json"
+METRICS = "metrics.csv"
+SUMMARY = "summary.json"
+ENVIRONMENT = "environment.json"
+LAST = "last.pt"
+BEST = "best.pt"
+PREDICTIONS = "test_predictions.npz"
+
+METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "test_acc", "lr",
+                  "epoch_seconds", "eval_seconds")
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_writer(path, "w") as out:
+        out.write(text)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
+    """metrics.csv, one row per finished epoch (rewritten whole, atomically, after each epoch)."""
+    lines = [",".join(METRIC_COLUMNS)]
+    for row in history:
+        lines.append(",".join("" if row.get(c) is None or (isinstance(row.get(c), float) and math.isnan(row[c]))
+                              else f"{row[c]:.6g}" if isinstance(row[c], float) else str(row[c])
+                              for c in METRIC_COLUMNS))
+    atomic_write_text(Path(run_dir) / METRICS, "\n".join(lines) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, float]]:
+    with open(Path(run_dir) / METRICS, newline="", encoding="utf-8") as handle:
+        return [{k: (float(v) if v != "" else float("nan")) if k != "epoch" else int(v) for k, v in row.items()}
+                for row in csv.DictReader(handle)]
+
+
+def summarize(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The report's summary, plus the honest numbers: the epoch is chosen on validation, not test."""
+    if not history:
+        return {}
+    last = history[-1]
+    has_val = any(not math.isnan(row["val_acc"]) for row in history)
+    # Earliest epoch with the best validation accuracy (the one best.pt holds).
+    best = max(history, key=lambda row: (row["val_acc"], -row["epoch"])) if has_val else last
+    top_test = max(history, key=lambda row: (row["test_acc"], -row["epoch"]))
+    return {
+        "epochs": last["epoch"],
+        "final_test_acc": last["test_acc"],
+        "final_train_loss": last["train_loss"],
+        "final_train_acc": last["train_acc"],
+        "best_val_acc": best["val_acc"] if has_val else None,
+        "best_epoch": best["epoch"] if has_val else None,
+        "test_acc_at_best_val": best["test_acc"] if has_val else None,
+        "max_test_acc": top_test["test_acc"],  # test-selected: reported as the report did, not a fair estimate
+        "max_test_epoch": top_test["epoch"],
+        "train_seconds": sum(row["epoch_seconds"] for row in history),
+        "seconds_per_epoch": sum(row["epoch_seconds"] for row in history) / len(history),
+    }

@@ -1,0 +1,235 @@
+"""The one training loop: `fit(config, dataset)` trains any registered model and returns its per-epoch history."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kmnist import runs
+from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from kmnist.config import TrainConfig, same_experiment
+from kmnist.data import Dataset, Split, normalize, pixel_stats, split_validation
+from kmnist.errors import KmnistError, TrainingDiverged
+from kmnist.metrics import accuracy, autocast_for, cross_entropy, predict_logits
+from kmnist.models import create_model, resolve_model_args
+
+
+def select_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise KmnistError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def make_optimizer(config: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum, nesterov=True,
+                               weight_decay=config.weight_decay)
+    kind = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
+    return kind(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def lr_factor(config: TrainConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Multiplier of the peak lr at optimiser step `step` for the cosine and one-cycle schedules."""
+    warmup = config.warmup_epochs * steps_per_epoch
+    if config.scheduler == "onecycle" and warmup == 0:
+        warmup = 0.25 * total_steps  # one-cycle: a quarter of the run warming up unless told otherwise
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1.0, total_steps - warmup))
+    if config.scheduler == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return 1.0 - progress  # onecycle: linear anneal to zero
+
+
+def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=config.plateau_factor, patience=config.plateau_patience)
+    if config.scheduler in ("cosine", "onecycle"):
+        total = config.epochs * steps_per_epoch
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: lr_factor(config, step, total, steps_per_epoch))
+    return None
+
+
+def batches_per_epoch(num_images: int, batch_size: int) -> int:
+    # A last batch of one image would break BatchNorm in training mode, so it is dropped.
+    return num_images // batch_size + (1 if num_images % batch_size >= 2 else 0)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Trainer:
+    """State of one run: model, optimiser, data on the device. `fit` drives it."""
+
+    def __init__(self, config: TrainConfig, dataset: Dataset):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.device = select_device(config.device)
+        torch.manual_seed(config.seed)
+        train, val = split_validation(dataset.train, config.val_size, config.seed)
+        mean, std = pixel_stats(train.images)
+        self.normalization = {"mean": mean, "std": std}
+        self.train, self.val = train.to(self.device), val.to(self.device)
+        self.test = dataset.test.to(self.device)
+        self.class_names = dataset.class_names
+        self.dataset_name = dataset.name
+        self.model_args = resolve_model_args(config.model, config.model_args)
+        self.model = create_model(config.model, num_classes=dataset.num_classes, **self.model_args).to(self.device)
+        self.optimizer = make_optimizer(config, self.model)
+        self.steps_per_epoch = batches_per_epoch(len(self.train), config.batch_size)
+        self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
+        counts = torch.bincount(self.train.labels, minlength=dataset.num_classes).float()
+        self.class_weights = (counts.sum() / (len(counts) * counts.clamp(min=1))) if config.class_weighting else None
+        self.history: list[dict[str, Any]] = []
+        self.best_val_acc = -math.inf
+
+    # --- one epoch -------------------------------------------------------------------------------
+
+    def train_epoch(self, epoch: int, progress: bool) -> tuple[float, float]:
+        from tqdm import tqdm
+
+        config, model, device = self.config, self.model, self.device
+        model.train()
+        # Batch order depends only on (seed, epoch), so a resumed run sees the same batches.
+        generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train), generator=generator, device=device)
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        seen = 0
+        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
+                   disable=not progress, unit="batch", dynamic_ncols=True)
+        for step in range(self.steps_per_epoch):
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            images = normalize(self.train.images[index], **self.normalization)  # (B, 1, 28, 28)
+            labels = self.train.labels[index]
+            with autocast_for(device, config.precision):
+                logits = model(images)
+                loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
+                                       label_smoothing=config.label_smoothing)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+                self.scheduler.step()
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum()
+            seen += len(labels)
+            bar.update()
+            if step % 50 == 49 and progress:
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")
+        bar.close()
+        return float(loss_sum) / seen, float(correct) / seen * 100
+
+    def evaluate(self, split: Split) -> tuple[float, float]:
+        if len(split) == 0:
+            return float("nan"), float("nan")
+        logits = predict_logits(self.model, split.images, batch_size=self.config.eval_batch_size,
+                                precision=self.config.precision, **self.normalization)
+        return cross_entropy(logits, split.labels), accuracy(logits.argmax(dim=1), split.labels)
+
+    # --- checkpoints -----------------------------------------------------------------------------
+
+    def checkpoint(self, epoch: int, with_training_state: bool) -> dict:
+        training_state = None
+        if with_training_state:
+            training_state = {
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "rng": _rng_state(self.device),
+                "history": self.history,
+                "best_val_acc": self.best_val_acc,
+            }
+        return make_checkpoint(
+            self.model, model_name=self.config.model, model_args=self.model_args, class_names=self.class_names,
+            dataset=self.dataset_name, normalization=self.normalization, config=self.config.to_dict(),
+            epoch=epoch, metrics=self.history[-1] if self.history else {}, training_state=training_state)
+
+    def restore(self, path: Path) -> int:
+        """Load a last.pt written by this configuration; returns the number of finished epochs."""
+        payload = load_checkpoint(path)
+        if not same_experiment(payload["config"], self.config.to_dict()) or "training_state" not in payload:
+            raise KmnistError(f"{path} was written by a different configuration; cannot resume from it")
+        state = payload["training_state"]
+        self.model.load_state_dict(payload["state_dict"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"], self.device)
+        self.history = list(state["history"])
+        self.best_val_acc = state["best_val_acc"]
+        return payload["epoch"]
+
+
+def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None, resume: bool = False,
+        progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train `config.model` on `dataset`; returns one dict of metrics per epoch.
+
+    With a run_dir, every finished epoch rewrites metrics.csv and last.pt (atomically), and best.pt
+    follows the best validation accuracy, so an interrupted run loses at most the epoch in progress.
+    """
+    trainer = Trainer(config, dataset)
+    run_dir = Path(run_dir) if run_dir is not None else None
+    start = 1
+    if resume:
+        if run_dir is None or not (run_dir / runs.LAST).is_file():
+            raise KmnistError(f"nothing to resume: no {runs.LAST} in {run_dir}")
+        start = trainer.restore(run_dir / runs.LAST) + 1
+    for epoch in range(start, config.epochs + 1):
+        _sync(trainer.device)
+        started = time.perf_counter()
+        train_loss, train_acc = trainer.train_epoch(epoch, progress)
+        _sync(trainer.device)
+        trained = time.perf_counter()
+        if not math.isfinite(train_loss):
+            where = f"; the last good checkpoint is {run_dir / runs.LAST}" if run_dir and epoch > 1 else ""
+            raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}; "
+                                   f"try a lower learning rate (now --lr {config.lr}){where}")
+        val_loss, val_acc = trainer.evaluate(trainer.val)
+        test_loss, test_acc = trainer.evaluate(trainer.test)  # reported only; never used to choose
+        row = {
+            "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
+            "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "lr": trainer.optimizer.param_groups[0]["lr"], "epoch_seconds": trained - started,
+            "eval_seconds": time.perf_counter() - trained,
+        }
+        if isinstance(trainer.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            trainer.scheduler.step(val_acc if len(trainer.val) else train_acc)
+        trainer.history.append(row)
+        improved = len(trainer.val) > 0 and val_acc > trainer.best_val_acc
+        if improved:
+            trainer.best_val_acc = val_acc
+        if run_dir is not None:
+            if improved or not len(trainer.val):
+                atomic_torch_save(trainer.checkpoint(epoch, with_training_state=False), run_dir / runs.BEST)
+            atomic_torch_save(trainer.checkpoint(epoch, with_training_state=True), run_dir / runs.LAST)
+            runs.write_metrics(run_dir, trainer.history)
+        if on_epoch is not None:
+            on_epoch(row)
+    return trainer.history

@@ -1,0 +1,110 @@
+"""Shared fixtures: small datasets written in the official file formats, and the real data when present."""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kmnist.data import DATASETS, Dataset, Split
+
+import torch
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    magic = 2051 if array.ndim == 3 else 2049
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def write_npz(path: Path, array: np.ndarray) -> None:
+    np.savez_compressed(path, arr_0=array)
+
+
+def synthetic_arrays(count: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is easy to learn: a bright bar whose position and angle depend on the class."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % num_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 40, size=(count, 28, 28)).astype(np.float64)
+    for index, label in enumerate(labels):
+        row = 3 + (label * 5) % 22
+        column = 3 + (label * 11) % 22
+        images[index, row:row + 4, 2:26] += 200 * (label % 2 == 0)
+        images[index, 2:26, column:column + 4] += 200 * (label % 2 == 1 or label % 3 == 0)
+        images[index, row // 2:row // 2 + 3, column // 2:column // 2 + 3] += 150
+    return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
+
+
+def write_dataset(folder: Path, name: str = "kmnist", fmt: str = "idx", train_count: int = 600,
+                  test_count: int = 200, seed: int = 0) -> Path:
+    """Write a dataset's official file names and formats (content synthetic) into folder/<name>/."""
+    spec = DATASETS[name]
+    target = folder / name
+    target.mkdir(parents=True, exist_ok=True)
+    train_images, train_labels = synthetic_arrays(train_count, spec.num_classes, seed)
+    test_images, test_labels = synthetic_arrays(test_count, spec.num_classes, seed + 1)
+    files = spec.formats[fmt]
+    writer = write_idx if fmt == "idx" else write_npz
+    for remote, array in zip(files, (train_images, train_labels, test_images, test_labels)):
+        writer(target / remote.name, array)
+    from importlib import resources
+
+    classmap = resources.files("kmnist").joinpath(spec.classmap.name).read_bytes()
+    (target / spec.classmap.name).write_bytes(classmap)
+    return folder
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Path:
+    """A data folder holding a small synthetic KMNIST in IDX format (md5 checks must be skipped)."""
+    return write_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def tiny_dataset() -> Dataset:
+    from kmnist.data import read_classmap
+
+    train_images, train_labels = synthetic_arrays(600, 10, 0)
+    test_images, test_labels = synthetic_arrays(200, 10, 1)
+    return Dataset("kmnist", read_classmap(None, "kmnist"),
+                   Split(torch.from_numpy(train_images), torch.from_numpy(train_labels.astype(np.int64))),
+                   Split(torch.from_numpy(test_images), torch.from_numpy(test_labels.astype(np.int64))))
+
+
+@pytest.fixture
+def real_data_dir() -> Path:
+    if not (REAL_DATA / "kmnist" / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip(f"real KMNIST files not found in {REAL_DATA}")
+    return REAL_DATA
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every download fail as it does on a machine without network."""
+    import urllib.error
+    import urllib.request
+
+    def refuse(*args, **kwargs):
+        raise urllib.error.URLError("network unreachable")
+
+    monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+def copy_real(real: Path, target: Path, names: list[str]) -> Path:
+    folder = target / "kmnist"
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        shutil.copy(real / "kmnist" / name, folder / name)
+    return target
+
+
+__all__ = ["write_idx", "write_npz", "write_dataset", "synthetic_arrays", "copy_real", "zipfile"]

@@ -1,0 +1,154 @@
+"""The command line end to end: a real run on small data, evaluate, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kmnist import runs
+from kmnist.cli import main
+
+SMALL = ["--epochs", "2", "--val-size", "100", "--batch-size", "64", "--threads", "1", "--no-progress",
+         "--model-arg", "token_hidden=64", "--model-arg", "channel_hidden=64"]
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
+    assert code != 0
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_train_then_evaluate(data_dir: Path, tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    code, out, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(run_dir), *SMALL],
+                             capsys)
+    assert code == 0, err
+    assert "test accuracy at that epoch" in out and "test-selected" in out
+    for name in ("config.json", "metrics.csv", "summary.json", "environment.json", "best.pt", "last.pt",
+                 "learning_curves.png", "confusion_matrix.png", "confident_mistakes.png", runs.PREDICTIONS):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in ("final_test_acc", "final_train_loss", "final_train_acc", "best_val_acc", "best_epoch",
+                "test_acc_at_best_val", "max_test_acc", "max_test_epoch", "train_seconds"):
+        assert key in summary
+    assert summary["epochs"] == 2
+    assert json.loads((run_dir / "config.json").read_text())["model_args"]["token_hidden"] == 64
+
+    code, out, err = run_cli(["evaluate", str(run_dir / "best.pt"), "--data-dir", str(data_dir), "--skip-md5",
+                              "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["count"] == 200 and 0 <= result["balanced_accuracy"] <= 100
+    assert Path(result["confusion_matrix_png"]).is_file()
+    assert abs(result["accuracy"] - summary["test_acc_at_best_val"]) < 1e-6
+
+    code, out, err = run_cli(["evaluate", str(run_dir / "best.pt"), "--data-dir", str(data_dir), "--skip-md5",
+                              "--model", "some-other-model"], capsys)
+    assert_one_line_error(code, err, "holds model")
+
+    # A finished run cannot be overwritten by accident.
+    code, out, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(run_dir), *SMALL],
+                             capsys)
+    assert_one_line_error(code, err, "already holds a run")
+
+
+def test_config_file_and_cli_override(data_dir: Path, tmp_path: Path, capsys) -> None:
+    config = tmp_path / "c.yaml"
+    config.write_text("epochs: 1\nlr: 0.002\nval_size: 50\nmodel_args:\n  token_hidden: 32\n  channel_hidden: 32\n")
+    run_dir = tmp_path / "run"
+    code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--config", str(config), "--lr",
+                            "0.003", "--out", str(run_dir), "--no-progress", "--threads", "1"], capsys)
+    assert code == 0, err
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["lr"] == 0.003 and saved["model_args"]["token_hidden"] == 32
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["train", "--epochs", "zero"], "epochs must be a number"),
+    (["train", "--lr", "-1"], "lr must be positive"),
+    (["train", "--device", "tpu"], "device must be one of"),
+    (["train", "--model", "nope"], "unknown model"),
+    (["train", "--model-arg", "patch=5"], "patch must divide"),
+    (["train", "--preset", "nope"], "invalid choice"),
+    (["train", "--config", "/no/such/file.toml"], "config file not found"),
+    (["evaluate", "/no/such/checkpoint.pt"], "checkpoint not found"),
+])
+def test_bad_options_give_one_line(args: list[str], fragment: str, data_dir: Path, capsys) -> None:
+    code, _, err = run_cli([*args, "--data-dir", str(data_dir), "--skip-md5"] if args[0] == "train" else args, capsys)
+    assert_one_line_error(code, err, fragment)
+
+
+def test_missing_data_offline(tmp_path: Path, offline: None, capsys) -> None:
+    code, _, err = run_cli(["train", "--data-dir", str(tmp_path / "empty"), "--no-progress"], capsys)
+    assert_one_line_error(code, err, "files missing", "train-images-idx3-ubyte.gz", "put the official files in")
+    code, _, err = run_cli(["download", "--data-dir", str(tmp_path / "empty"), "--no-progress"], capsys)
+    assert_one_line_error(code, err, "files missing")
+
+
+def test_corrupted_data_file(data_dir: Path, tmp_path: Path, capsys) -> None:
+    (data_dir / "kmnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b broken")
+    code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(tmp_path / "r"),
+                            *SMALL], capsys)
+    assert_one_line_error(code, err, "t10k-images-idx3-ubyte.gz")
+    # With md5 checks on (the default), a file that is not the official one is refused before parsing.
+    code, _, err = run_cli(["download", "--data-dir", str(data_dir), "--no-progress"], capsys)
+    assert_one_line_error(code, err, "idx3-ubyte.gz", "expected")
+
+
+def test_non_checkpoint_file(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "weights.pt"
+    torch.save({"layer.weight": torch.zeros(2)}, path)
+    code, _, err = run_cli(["evaluate", str(path)], capsys)
+    assert_one_line_error(code, err, "not a kmnist checkpoint")
+
+
+def test_python_dash_m_and_help() -> None:
+    result = subprocess.run([sys.executable, "-m", "kmnist", "train", "--help"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0
+    for option in ("--data-dir", "--dataset", "--model", "--preset", "--epochs", "--batch-size", "--lr", "--seed",
+                   "--device", "--out", "--config", "--resume"):
+        assert option in result.stdout
+    assert "(default: 0.001)" in result.stdout
+
+
+def test_resume_from_cli_after_kill(data_dir: Path, tmp_path: Path) -> None:
+    """kill -9 during epoch 2, then --resume: the same metrics as a run never interrupted."""
+    import os
+    import signal
+    import time
+
+    run_dir = tmp_path / "killed"
+    base = [sys.executable, "-m", "kmnist", "train", "--data-dir", str(data_dir), "--skip-md5", "--epochs", "3",
+            "--val-size", "100", "--batch-size", "16", "--threads", "1", "--no-progress"]
+    process = subprocess.Popen([*base, "--out", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run_dir / runs.LAST).exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert (run_dir / runs.LAST).exists()
+    resumed = subprocess.run([*base, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([*base, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+
+    def strip(rows):
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in rows]
+
+    assert strip(runs.read_metrics(run_dir)) == strip(runs.read_metrics(tmp_path / "whole"))
+    assert (run_dir / "summary.json").is_file() and (run_dir / "confusion_matrix.png").is_file()

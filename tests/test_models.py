@@ -1,0 +1,57 @@
+"""Every registered model, at every supported patch size, gives finite logits of the right shape."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kmnist.errors import KmnistError
+from kmnist.models import create_model, list_models, model_defaults
+
+
+@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("num_classes", [10, 49])
+def test_registered_model_gives_logits(name: str, num_classes: int) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=num_classes)
+    images = torch.randn(4, 1, 28, 28)
+    model.train()
+    logits = model(images)
+    assert logits.shape == (4, num_classes)
+    logits.sum().backward()
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (4, num_classes) and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("patch", [2, 4, 7, 14])
+@pytest.mark.parametrize("residual", [True, False])
+def test_report_mixer_patch_sizes(patch: int, residual: bool) -> None:
+    model = create_model("report-mixer", patch=patch, residual=residual).eval()
+    with torch.no_grad():
+        logits = model(torch.randn(3, 1, 28, 28))
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+    assert model.blocks[0].mlp_tokens[0].in_features == (28 // patch) ** 2
+
+
+def test_report_mixer_matches_the_report_layout() -> None:
+    model = create_model("report-mixer")
+    assert model.stem.in_features == 16  # 4x4 patches
+    assert model.blocks[0].mlp_tokens[0].in_features == 49 and model.blocks[0].mlp_tokens[0].out_features == 512
+    assert len(model.blocks) == 2
+    assert model.head.out_features == 10
+
+
+def test_bad_model_arguments_are_user_errors() -> None:
+    with pytest.raises(KmnistError, match="patch must divide"):
+        create_model("report-mixer", patch=5)
+    with pytest.raises(KmnistError, match="no argument"):
+        create_model("report-mixer", bogus=1)
+    with pytest.raises(KmnistError, match="unknown model"):
+        create_model("no-such-model")
+
+
+def test_defaults_are_introspectable() -> None:
+    for name in list_models():
+        assert "num_classes" not in model_defaults(name)

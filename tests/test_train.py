@@ -1,0 +1,126 @@
+"""The training loop: a tiny real fit, checkpoint round trip, resume after interruption, divergence."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from kmnist import runs
+from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
+from kmnist.config import TrainConfig
+from kmnist.data import normalize
+from kmnist.errors import KmnistError, TrainingDiverged
+from kmnist.train import fit
+
+TINY = TrainConfig(epochs=3, val_size=100, batch_size=32, lr=3e-3, threads=1,
+                   model_args={"token_hidden": 64, "channel_hidden": 64})
+
+
+def _drop_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in history]
+
+
+def test_tiny_fit_learns(tiny_dataset, tmp_path: Path) -> None:
+    history = fit(TINY, tiny_dataset, tmp_path, progress=False)
+    assert [row["epoch"] for row in history] == [1, 2, 3]
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert max(row["val_acc"] for row in history) > 50  # chance is 10%
+    assert runs.read_metrics(tmp_path)[-1]["epoch"] == 3
+    for name in (runs.LAST, runs.BEST):
+        assert (tmp_path / name).is_file()
+
+
+def test_same_seed_same_result(tiny_dataset) -> None:
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 1})
+    first = fit(config, tiny_dataset, progress=False)
+    second = fit(config, tiny_dataset, progress=False)
+    assert _drop_times(first) == _drop_times(second)
+
+
+def test_checkpoint_round_trip_gives_identical_logits(tiny_dataset, tmp_path: Path) -> None:
+    fit(TINY, tiny_dataset, tmp_path, progress=False)
+    payload = load_checkpoint(tmp_path / runs.LAST)
+    assert payload["model"] == "report-mixer" and payload["class_names"][0] == "お"
+    assert payload["model_args"]["token_hidden"] == 64 and payload["epoch"] == 3
+    model = model_from_checkpoint(payload)
+    again = model_from_checkpoint(load_checkpoint(tmp_path / runs.LAST))
+    images = normalize(tiny_dataset.test.images[:50], **payload["normalization"])
+    with torch.no_grad():
+        assert torch.equal(model(images), again(images))
+
+
+def test_checkpoint_loading_refuses_other_files(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.pt"
+    torch.save({"weight": torch.zeros(3)}, plain)
+    with pytest.raises(KmnistError, match="not a kmnist checkpoint"):
+        load_checkpoint(plain)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"\x80\x04not a checkpoint")
+    with pytest.raises(KmnistError, match="not a readable"):
+        load_checkpoint(garbage)
+
+
+def test_checkpoint_of_another_model_is_refused(tiny_dataset, tmp_path: Path) -> None:
+    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path, progress=False)
+    payload = load_checkpoint(tmp_path / runs.BEST)
+    with pytest.raises(KmnistError, match="holds model"):
+        model_from_checkpoint(payload, expected_model="some-other-model")
+    payload["model_args"]["channels"] = 32  # weights of a 16-channel model, asked to fit a 32-channel one
+    with pytest.raises(KmnistError, match="do not fit"):
+        model_from_checkpoint(payload)
+
+
+def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path: Path) -> None:
+    whole = fit(TINY, tiny_dataset, tmp_path / "whole", progress=False)
+
+    def stop_after_first(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(TINY, tiny_dataset, tmp_path / "cut", progress=False, on_epoch=stop_after_first)
+    assert runs.read_metrics(tmp_path / "cut")[-1]["epoch"] == 1
+    resumed = fit(TINY, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
+    assert _drop_times(resumed) == _drop_times(whole)
+    final_whole = load_checkpoint(tmp_path / "whole" / runs.LAST)["state_dict"]
+    final_cut = load_checkpoint(tmp_path / "cut" / runs.LAST)["state_dict"]
+    assert all(torch.equal(final_whole[k], final_cut[k]) for k in final_whole)
+
+
+def test_resume_refuses_a_different_configuration(tiny_dataset, tmp_path: Path) -> None:
+    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path, progress=False)
+    with pytest.raises(KmnistError, match="different configuration"):
+        fit(TrainConfig(**{**TINY.to_dict(), "epochs": 2, "lr": 0.1}), tiny_dataset, tmp_path, resume=True,
+            progress=False)
+
+
+def test_divergence_stops_with_advice_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path: Path) -> None:
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 1})
+    fit(config, tiny_dataset, tmp_path, progress=False)
+    good = load_checkpoint(tmp_path / runs.LAST)["state_dict"]
+    diverging = TrainConfig(**{**TINY.to_dict(), "epochs": 3, "lr": 1e25})
+    with pytest.raises(TrainingDiverged, match="lower learning rate"):
+        fit(diverging, tiny_dataset, tmp_path / "bad", progress=False)
+    assert not (tmp_path / "bad" / runs.LAST).exists()
+    kept = load_checkpoint(tmp_path / runs.LAST)["state_dict"]
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle", "none"])
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_schedules_and_optimizers_train(tiny_dataset, scheduler: str, optimizer: str) -> None:
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, "scheduler": scheduler, "optimizer": optimizer,
+                            "lr": 0.05 if optimizer == "sgd" else 3e-3, "warmup_epochs": 0.5})
+    history = fit(config, tiny_dataset, progress=False)
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    if scheduler in ("cosine", "onecycle"):
+        assert history[-1]["lr"] < 1e-6  # annealed to zero at the end
+
+
+def test_no_validation_split(tiny_dataset, tmp_path: Path) -> None:
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 1, "val_size": 0})
+    history = fit(config, tiny_dataset, tmp_path, progress=False)
+    summary = runs.summarize(history)
+    assert summary["best_val_acc"] is None and (tmp_path / runs.BEST).is_file()
