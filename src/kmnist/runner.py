@@ -80,6 +80,6 @@ def write_run_figures(run_dir: Path, dataset: Dataset) -> None:
     confusion = confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(labels), dataset.num_classes)
     epoch = runs.read_json(run_dir / runs.SUMMARY).get("best_checkpoint_epoch")
     plots.confusion_matrix(confusion.numpy(), dataset.class_names, run_dir / "confusion_matrix.png",
-                           title=f"test confusion, model from epoch {epoch} (chosen on validation)")
+                           title=f"test, epoch {epoch} model (chosen on validation)")
     plots.confident_mistakes(dataset.test.images.numpy(), labels, probabilities, dataset.class_names,
                              run_dir / "confident_mistakes.png")
