@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -112,25 +112,32 @@ class Trainer:
 
     # --- one epoch -------------------------------------------------------------------------------
 
-    def train_epoch(self, epoch: int, progress: bool) -> tuple[float, float]:
+    def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """This epoch's training batches: indexing the uint8 tensor on the device, normalised as a batch."""
+        config = self.config
+        # Batch order depends only on (seed, epoch), so a resumed run sees the same batches.
+        generator = torch.Generator(device=self.device).manual_seed(config.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train), generator=generator, device=self.device)
+        for step in range(self.steps_per_epoch):
+            index = order[step * config.batch_size:(step + 1) * config.batch_size]
+            yield normalize(self.train.images[index], **self.normalization), self.train.labels[index]
+
+    def train_epoch(self, epoch: int, progress: bool,
+                    batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[float, float]:
+        """One pass of optimiser steps; returns (mean loss, accuracy %). `batches` defaults to `self.batches`."""
         from tqdm import tqdm
 
         config, model, device = self.config, self.model, self.device
         model.train()
-        # Batch order depends only on (seed, epoch), so a resumed run sees the same batches.
-        generator = torch.Generator(device=device).manual_seed(config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train), generator=generator, device=device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=not progress, unit="batch", dynamic_ncols=True)
-        for step in range(self.steps_per_epoch):
-            index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            images = normalize(self.train.images[index], **self.normalization)  # (B, 1, 28, 28)
-            labels = self.train.labels[index]
+        for step, (images, labels) in enumerate(self.batches(epoch) if batches is None else batches):
+            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             with autocast_for(device, config.precision):
-                logits = model(images)
+                logits = model(images)  # (B, classes)
                 loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
                                        label_smoothing=config.label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
