@@ -43,6 +43,16 @@ class TrainConfig:
     warmup_epochs: float = _field(0.0, "linear warm-up for cosine/onecycle, in epochs")
     label_smoothing: float = _field(0.0, "cross-entropy label smoothing, 0 to <1")
     class_weighting: bool = _field(False, "weight the loss by inverse class frequency (imbalanced K49)")
+    translate: float = _field(0.0, "augmentation: max random shift, pixels")
+    rotate: float = _field(0.0, "augmentation: max random rotation, degrees")
+    scale: float = _field(0.0, "augmentation: max relative change of size (0.1 = 90-110 percent)")
+    shear: float = _field(0.0, "augmentation: max random shear, degrees")
+    elastic: float = _field(0.0, "augmentation: elastic distortion strength, pixels")
+    erase: float = _field(0.0, "augmentation: probability of erasing a random rectangle (cutout)")
+    mixup: float = _field(0.0, "mixup Beta(alpha, alpha) parameter; 0 = off")
+    cutmix: float = _field(0.0, "cutmix Beta(alpha, alpha) parameter; 0 = off (with mixup: one or the other per batch)")
+    ema: float = _field(0.0, "decay of an exponential moving average of the weights, used for evaluation; 0 = off")
+    balanced_sampling: bool = _field(False, "draw training batches with equal probability per class (imbalanced K49)")
     seed: int = _field(0, "seed for initialisation, batch order and the validation split")
     device: str = _field("auto", "auto (CUDA when present, else CPU), cpu or cuda")
     precision: str = _field("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
@@ -60,11 +70,14 @@ class TrainConfig:
                 raise KmnistError(f"{name} must be at least 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise KmnistError(f"lr must be positive, got {self.lr}")
-        for name in ("val_size", "weight_decay", "warmup_epochs", "threads", "plateau_patience"):
+        for name in ("val_size", "weight_decay", "warmup_epochs", "threads", "plateau_patience", "translate",
+                     "rotate", "scale", "shear", "elastic", "mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise KmnistError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise KmnistError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.erase <= 1 or not 0 <= self.ema < 1:
+            raise KmnistError("erase must be in [0, 1] and ema in [0, 1)")
         if not 0 < self.plateau_factor < 1:
             raise KmnistError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
         if not isinstance(self.model_args, dict):

@@ -350,5 +350,7 @@ def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
 
 
 def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
-    """uint8 (N, 28, 28) -> float (N, 1, 28, 28), zero mean and unit variance."""
-    return images.unsqueeze(1).float().sub_(mean * 255).div_(std * 255)
+    """Pixel values 0-255, uint8 or float, (N, 28, 28) or (N, 1, 28, 28) -> float (N, 1, 28, 28) standardised."""
+    if images.dim() == 3:
+        images = images.unsqueeze(1)
+    return images.float().sub(mean * 255).div_(std * 255)  # sub makes a new tensor: the input is never changed

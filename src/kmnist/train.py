@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kmnist import runs
+from kmnist.augment import AugmentSettings, augment, mix
 from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from kmnist.config import TrainConfig, same_experiment
 from kmnist.data import Dataset, Split, normalize, pixel_stats, split_validation
@@ -84,6 +86,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class WeightAverage:
+    """Exponential moving average of a model's weights (buffers copied), evaluated instead of the raw model."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.updates = 0
+        self.model = copy.deepcopy(model).eval()
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        # Short memory at first, so the average is not dominated by the random initialisation.
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(list(self.model.parameters()), list(model.parameters()), 1 - decay)
+        for average, current in zip(self.model.buffers(), model.buffers()):
+            average.copy_(current)
+
+
 class Trainer:
     """State of one run: model, optimiser, data on the device. `fit` drives it."""
 
@@ -107,20 +129,39 @@ class Trainer:
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
         counts = torch.bincount(self.train.labels, minlength=dataset.num_classes).float()
         self.class_weights = (counts.sum() / (len(counts) * counts.clamp(min=1))) if config.class_weighting else None
+        self.sample_weights = (1 / counts.clamp(min=1))[self.train.labels] if config.balanced_sampling else None
+        self.augment = AugmentSettings(config.translate, config.rotate, config.scale, config.shear, config.elastic,
+                                       config.erase)
+        self.average = WeightAverage(self.model, config.ema) if config.ema else None
         self.history: list[dict[str, Any]] = []
         self.best_val_acc = -math.inf
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """The weights that are evaluated and saved for inference: the moving average when there is one."""
+        return self.average.model if self.average is not None else self.model
+
+    def generator(self, epoch: int, stream: int) -> torch.Generator:
+        """A random stream fixed by (seed, epoch, purpose), so a resumed run draws the same numbers."""
+        return torch.Generator(device=self.device).manual_seed((self.config.seed * 1_000_003 + epoch) * 8 + stream)
 
     # --- one epoch -------------------------------------------------------------------------------
 
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's training batches: indexing the uint8 tensor on the device, normalised as a batch."""
         config = self.config
-        # Batch order depends only on (seed, epoch), so a resumed run sees the same batches.
-        generator = torch.Generator(device=self.device).manual_seed(config.seed * 1_000_003 + epoch)
-        order = torch.randperm(len(self.train), generator=generator, device=self.device)
+        generator = self.generator(epoch, 0)
+        if self.sample_weights is not None:  # class-balanced: each class equally likely per draw
+            order = torch.multinomial(self.sample_weights, len(self.train), replacement=True, generator=generator)
+        else:
+            order = torch.randperm(len(self.train), generator=generator, device=self.device)
+        augment_generator = self.generator(epoch, 1)
         for step in range(self.steps_per_epoch):
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
-            yield normalize(self.train.images[index], **self.normalization), self.train.labels[index]
+            images = self.train.images[index].unsqueeze(1)  # (B, 1, 28, 28) uint8
+            if self.augment.warps or self.augment.erase:
+                images = augment(images.float(), self.augment, augment_generator)
+            yield normalize(images, **self.normalization), self.train.labels[index]
 
     def train_epoch(self, epoch: int, progress: bool,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[float, float]:
@@ -134,17 +175,24 @@ class Trainer:
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=not progress, unit="batch", dynamic_ncols=True)
+        mixing = config.mixup > 0 or config.cutmix > 0
+        mix_generator = self.generator(epoch, 2)
         for step, (images, labels) in enumerate(self.batches(epoch) if batches is None else batches):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+            if mixing:
+                images, labels, partners, lam = mix(images, labels, config.mixup, config.cutmix, mix_generator)
             with autocast_for(device, config.precision):
                 logits = model(images)  # (B, classes)
-                loss = F.cross_entropy(logits.float(), labels, weight=self.class_weights,
-                                       label_smoothing=config.label_smoothing)
+            loss = self.loss(logits.float(), labels)
+            if mixing:
+                loss = lam * loss + (1 - lam) * self.loss(logits.float(), partners)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
                 self.scheduler.step()
+            if self.average is not None:
+                self.average.update(model)
             loss_sum += loss.detach() * len(labels)
             correct += (logits.argmax(dim=1) == labels).sum()
             seen += len(labels)
@@ -154,10 +202,13 @@ class Trainer:
         bar.close()
         return float(loss_sum) / seen, float(correct) / seen * 100
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
+
     def evaluate(self, split: Split) -> tuple[float, float]:
         if len(split) == 0:
             return float("nan"), float("nan")
-        logits = predict_logits(self.model, split.images, batch_size=self.config.eval_batch_size,
+        logits = predict_logits(self.eval_model, split.images, batch_size=self.config.eval_batch_size,
                                 precision=self.config.precision, **self.normalization)
         return cross_entropy(logits, split.labels), accuracy(logits.argmax(dim=1), split.labels)
 
@@ -172,9 +223,13 @@ class Trainer:
                 "rng": _rng_state(self.device),
                 "history": self.history,
                 "best_val_acc": self.best_val_acc,
+                # With a moving average, state_dict holds the average; the raw weights are kept here.
+                "model": ({k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+                          if self.average is not None else None),
+                "average_updates": self.average.updates if self.average is not None else 0,
             }
         return make_checkpoint(
-            self.model, model_name=self.config.model, model_args=self.model_args, class_names=self.class_names,
+            self.eval_model, model_name=self.config.model, model_args=self.model_args, class_names=self.class_names,
             dataset=self.dataset_name, normalization=self.normalization, config=self.config.to_dict(),
             epoch=epoch, metrics=self.history[-1] if self.history else {}, training_state=training_state)
 
@@ -184,7 +239,10 @@ class Trainer:
         if not same_experiment(payload["config"], self.config.to_dict()) or "training_state" not in payload:
             raise KmnistError(f"{path} was written by a different configuration; cannot resume from it")
         state = payload["training_state"]
-        self.model.load_state_dict(payload["state_dict"])
+        self.model.load_state_dict(state["model"] if self.average is not None else payload["state_dict"])
+        if self.average is not None:
+            self.average.model.load_state_dict(payload["state_dict"])
+            self.average.updates = state["average_updates"]
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])

@@ -1,0 +1,91 @@
+"""Batched augmentation and the training options built on it (mixup/cutmix, EMA, balanced sampling)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from kmnist.augment import AugmentSettings, augment, erase, mix, warp
+from kmnist.config import TrainConfig
+from kmnist.train import fit
+
+from test_train import TINY, _drop_times
+
+
+def _images() -> torch.Tensor:
+    images = torch.zeros(8, 1, 28, 28)
+    images[:, :, 10:18, 12:16] = 255.0
+    return images
+
+
+def test_identity_settings_change_nothing() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = _images()
+    assert torch.allclose(warp(images, AugmentSettings(), generator), images, atol=1e-3)
+
+
+def test_translation_moves_ink_without_inventing_any() -> None:
+    generator = torch.Generator().manual_seed(0)
+    images = _images()
+    moved = warp(images, AugmentSettings(translate=3), generator)
+    assert moved.shape == images.shape
+    assert not torch.allclose(moved, images)
+    # A shift of at most 3 pixels keeps the 8x4 stroke inside the frame: total ink is preserved.
+    assert torch.allclose(moved.sum(dim=(1, 2, 3)), images.sum(dim=(1, 2, 3)), rtol=0.02)
+    assert float(moved.min()) >= 0 and float(moved.max()) <= 255.0 + 1e-3
+
+
+def test_each_image_gets_its_own_warp_and_same_seed_same_warp() -> None:
+    settings = AugmentSettings(rotate=15, scale=0.1, shear=10, elastic=2)
+    first = warp(_images(), settings, torch.Generator().manual_seed(1))
+    again = warp(_images(), settings, torch.Generator().manual_seed(1))
+    assert torch.equal(first, again)
+    assert not torch.allclose(first[0], first[1])
+
+
+def test_erase_blanks_rectangles_only_where_chosen() -> None:
+    images = torch.full((64, 1, 28, 28), 100.0)
+    erased = erase(images, 0.5, torch.Generator().manual_seed(0))
+    blanked = (erased == 0).flatten(1).any(dim=1)
+    assert 10 < int(blanked.sum()) < 54  # about half the images
+    assert int((erased == 0).sum(dim=(1, 2, 3)).max()) <= 16 * 16
+    assert torch.equal(augment(images, AugmentSettings(), torch.Generator()), images)
+
+
+def test_mixup_and_cutmix_mix_labels_by_lam() -> None:
+    images = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 1, 28, 28).contiguous()
+    labels = torch.arange(4)
+    mixed, first, partners, lam = mix(images, labels, 0.4, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(first, labels) and 0 <= lam <= 1
+    assert torch.allclose(mixed[:, 0, 0, 0], lam * labels.float() + (1 - lam) * partners.float())
+    mixed, _, partners, lam = mix(images, labels, 0.0, 1.0, torch.Generator().manual_seed(0))
+    pasted = (mixed != images).float().mean(dim=(1, 2, 3))  # share of each image replaced
+    changed = partners != labels
+    assert torch.allclose(pasted[changed], torch.full_like(pasted[changed], 1 - lam), atol=1e-6)
+
+
+def test_training_with_every_option_learns_and_resumes_exactly(tiny_dataset, tmp_path: Path) -> None:
+    options = dict(translate=2.0, rotate=8.0, scale=0.08, shear=5.0, elastic=1.0, erase=0.3, mixup=0.2, cutmix=0.5,
+                   ema=0.9, label_smoothing=0.1, balanced_sampling=True, scheduler="cosine", warmup_epochs=0.5)
+    config = TrainConfig(**{**TINY.to_dict(), **options})
+    whole = fit(config, tiny_dataset, tmp_path / "whole", progress=False)
+    assert max(row["val_acc"] for row in whole) > 30  # chance is 10%
+
+    def stop(row: dict) -> None:
+        if row["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    try:
+        fit(config, tiny_dataset, tmp_path / "cut", progress=False, on_epoch=stop)
+    except KeyboardInterrupt:
+        pass
+    resumed = fit(config, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
+    assert _drop_times(resumed) == _drop_times(whole)
+
+
+def test_ema_changes_what_is_evaluated(tiny_dataset) -> None:
+    plain = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, progress=False)
+    averaged = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1, "ema": 0.99}), tiny_dataset, progress=False)
+    assert plain[0]["train_loss"] == averaged[0]["train_loss"]  # same training
+    assert plain[0]["val_loss"] != averaged[0]["val_loss"]  # different weights evaluated
