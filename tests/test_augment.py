@@ -89,3 +89,15 @@ def test_ema_changes_what_is_evaluated(tiny_dataset) -> None:
     averaged = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1, "ema": 0.99}), tiny_dataset, progress=False)
     assert plain[0]["train_loss"] == averaged[0]["train_loss"]  # same training
     assert plain[0]["val_loss"] != averaged[0]["val_loss"]  # different weights evaluated
+
+
+def test_shift_images_moves_and_fills_with_background() -> None:
+    from kmnist.metrics import shift_images
+
+    images = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    images[0, 5, 7] = 200
+    moved = shift_images(images, 1, -1)
+    assert moved[0, 6, 6] == 200 and int(moved.sum()) == 200
+    edge = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    edge[0, 0, 0] = 9
+    assert int(shift_images(edge, -1, 0).sum()) == 0  # shifted out of frame, not wrapped around

@@ -152,3 +152,22 @@ def test_resume_from_cli_after_kill(data_dir: Path, tmp_path: Path) -> None:
 
     assert strip(runs.read_metrics(run_dir)) == strip(runs.read_metrics(tmp_path / "whole"))
     assert (run_dir / "summary.json").is_file() and (run_dir / "confusion_matrix.png").is_file()
+
+
+def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:
+    runs_made = []
+    for seed in (0, 1):
+        run_dir = tmp_path / f"seed{seed}"
+        code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(run_dir),
+                                "--seed", str(seed), *SMALL], capsys)
+        assert code == 0, err
+        runs_made.append(str(run_dir / "best.pt"))
+    code, out, err = run_cli(["evaluate", *runs_made, "--data-dir", str(data_dir), "--skip-md5", "--tta", "5",
+                              "--json", "--out", str(tmp_path / "ens")], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["tta_views"] == 5 and len(result["checkpoints"]) == 2
+    assert (tmp_path / "ens" / "metrics.json").is_file()
+    code, _, err = run_cli(["evaluate", runs_made[0], "--data-dir", str(data_dir), "--skip-md5", "--tta", "20"],
+                           capsys)
+    assert_one_line_error(code, err, "--tta")

@@ -192,12 +192,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoints(args.checkpoints, data_dir_from_args(args), split=args.split,
                                   device=args.device or "auto", expected_model=args.model, out=args.out,
-                                  batch_size=args.batch_size, check_md5=not args.skip_md5)
+                                  batch_size=args.batch_size, check_md5=not args.skip_md5, tta=args.tta)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     print(f"{result['split']} split of {result['dataset']}: {result['count']} images, "
-          f"{len(result['checkpoints'])} checkpoint(s)")
+          f"{len(result['checkpoints'])} checkpoint(s), {result['tta_views']} view(s) each")
     print(f"  accuracy           {result['accuracy']:.2f}%")
     print(f"  balanced accuracy  {result['balanced_accuracy']:.2f}%")
     print("  per class          " + "  ".join(f"{name} {acc:.1f}" for name, acc in result["per_class_accuracy"].items()))
@@ -253,6 +253,8 @@ def build_parser() -> Parser:
     evaluate.add_argument("--batch-size", type=int, default=1024, help="images per forward pass (default: 1024)")
     evaluate.add_argument("--out", metavar="DIR", help="folder for metrics.json and the confusion matrix "
                                                        "(default: evaluation-<split> beside the first checkpoint)")
+    evaluate.add_argument("--tta", type=int, default=1, metavar="N",
+                          help="test-time augmentation: average over N one-pixel-shifted views, 1-9 (default: 1, off)")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(handler=cmd_evaluate)
 

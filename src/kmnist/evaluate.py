@@ -11,16 +11,18 @@ from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.data import load_dataset, split_validation
 from kmnist.errors import KmnistError
-from kmnist.metrics import accuracy, balanced_accuracy, confusion_matrix, per_class_accuracy, predict_logits
+from kmnist.metrics import TTA_SHIFTS, accuracy, balanced_accuracy, confusion_matrix, per_class_accuracy, predict_logits
 from kmnist.train import select_device
 
 
 def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: str = "test",
                          device: str = "auto", expected_model: str | None = None, out: str | Path | None = None,
-                         batch_size: int = 1024, check_md5: bool = True) -> dict[str, Any]:
+                         batch_size: int = 1024, check_md5: bool = True, tta: int = 1) -> dict[str, Any]:
     """Metrics for the mean softmax of the given checkpoints; writes metrics.json and a confusion matrix PNG."""
     if batch_size < 1:
         raise KmnistError(f"--batch-size must be at least 1, got {batch_size}")
+    if not 1 <= tta <= len(TTA_SHIFTS):
+        raise KmnistError(f"--tta must be between 1 (no augmentation) and {len(TTA_SHIFTS)}, got {tta}")
     payloads = [load_checkpoint(path) for path in paths]
     first = payloads[0]
     for path, payload in zip(paths, payloads):
@@ -38,7 +40,7 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
     target = select_device(device)
     probabilities = torch.zeros(len(images_labels), len(first["class_names"]))
     for model, payload in zip(models, payloads):
-        logits = predict_logits(model.to(target), images_labels.images, batch_size=batch_size,
+        logits = predict_logits(model.to(target), images_labels.images, batch_size=batch_size, tta=tta,
                                 **payload["normalization"])
         probabilities += torch.softmax(logits, dim=1).cpu()
     probabilities /= len(models)
@@ -54,6 +56,7 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         "count": len(labels),
         "checkpoints": [str(p) for p in paths],
         "models": [p["model"] for p in payloads],
+        "tta_views": tta,
         "accuracy": accuracy(predicted, labels),
         "balanced_accuracy": balanced_accuracy(confusion),
         "per_class_accuracy": dict(zip(first["class_names"], per_class_accuracy(confusion).tolist())),

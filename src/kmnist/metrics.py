@@ -17,18 +17,38 @@ def autocast_for(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+# Test-time augmentation views: one-pixel shifts (dy, dx), the identity first. No flips for characters.
+TTA_SHIFTS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
+
+
+def shift_images(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Move (N, H, W) images by (dy, dx) pixels, filling with background 0."""
+    if dy == dx == 0:
+        return images
+    height, width = images.shape[-2:]
+    padded = F.pad(images, (1, 1, 1, 1))
+    return padded[..., 1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
+
+
 @torch.inference_mode()
 def predict_logits(model: nn.Module, images: torch.Tensor, mean: float, std: float, batch_size: int = 1024,
-                   precision: str = "auto") -> torch.Tensor:
-    """Logits (N, classes) in float32 for uint8 images (N, 28, 28), on the model's device."""
+                   precision: str = "auto", tta: int = 1) -> torch.Tensor:
+    """Logits (N, classes) in float32 for uint8 images (N, 28, 28), on the model's device.
+
+    tta > 1 averages the logits over that many shifted views (TTA_SHIFTS).
+    """
+    if not 1 <= tta <= len(TTA_SHIFTS):
+        raise ValueError(f"tta must be between 1 and {len(TTA_SHIFTS)}")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     outputs = []
     with autocast_for(device, precision):
         for start in range(0, len(images), batch_size):
-            batch = normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
-            outputs.append(model(batch).float())
+            batch = images[start:start + batch_size].to(device, non_blocking=True)
+            logits = sum(model(normalize(shift_images(batch, dy, dx), mean, std)).float()
+                         for dy, dx in TTA_SHIFTS[:tta])
+            outputs.append(logits / tta)
     model.train(was_training)
     if not outputs:
         return torch.empty(0, 0, device=device)
