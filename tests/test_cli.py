@@ -171,3 +171,19 @@ def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["evaluate", runs_made[0], "--data-dir", str(data_dir), "--skip-md5", "--tta", "20"],
                            capsys)
     assert_one_line_error(code, err, "--tta")
+
+
+def test_bench_writes_json_and_markdown(data_dir: Path, tmp_path: Path, capsys) -> None:
+    table = tmp_path / "benchmarks.md"
+    for _ in range(2):
+        code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--repeats", "1",
+                                  "--max-batches", "3", "--val-size", "100", "--threads", "1", "--json",
+                                  str(tmp_path / "b.json"), "--markdown", str(table),
+                                  "--model-arg", "token_hidden=32"], capsys)
+        assert code == 0, err
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert result["speedup"] > 0 and result["infer_images_per_second_batch1024"] > 0
+    assert result["hardware"] and result["environment"]["torch"]
+    lines = table.read_text().splitlines()
+    assert sum(line.startswith("| date") for line in lines) == 1 and len(lines) == 4
+    assert "speed-up" in out

@@ -77,3 +77,76 @@ def _take(iterator, count: int):
         if index >= count:
             break
         yield item
+
+
+def time_inference(model: torch.nn.Module, images: torch.Tensor, mean: float, std: float, batch_size: int,
+                   precision: str, count: int, repeats: int) -> float:
+    """Images per second of predict_logits at the given batch size (median over repeats)."""
+    from kmnist.metrics import predict_logits
+
+    sample = images[:count]
+    predict_logits(model, sample[:batch_size], mean, std, batch_size, precision)  # warm-up
+    rates = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        if batch_size == 1:
+            for index in range(len(sample)):
+                predict_logits(model, sample[index:index + 1], mean, std, 1, precision)
+        else:
+            predict_logits(model, sample, mean, std, batch_size, precision)
+        rates.append(len(sample) / (time.perf_counter() - started))
+    return statistics.median(rates)
+
+
+def run_benchmark(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_batches: int | None = None,
+                  compare: bool = True) -> dict[str, Any]:
+    """Training epoch (ours and, with compare, the per-sample pipeline), evaluation and inference speed."""
+    from kmnist.metrics import predict_logits
+
+    pipelines = ("tensor", "per-sample") if compare else ("tensor",)
+    result = time_pipelines(config, dataset, repeats, max_batches, pipelines)
+    trainer = Trainer(config, dataset)
+    model, stats = trainer.eval_model, trainer.normalization
+    evaluation = []
+    for _ in range(repeats):
+        _sync(trainer.device)
+        started = time.perf_counter()
+        predict_logits(model, trainer.test.images, batch_size=config.eval_batch_size, precision=config.precision,
+                       **stats)
+        _sync(trainer.device)
+        evaluation.append(time.perf_counter() - started)
+    epoch = result["median_epoch_seconds"]["tensor"]
+    result.update({
+        "train_images_per_second": len(trainer.train) / epoch,
+        "eval_seconds": statistics.median(evaluation),
+        "eval_images": len(trainer.test),
+        "infer_images_per_second_batch1": time_inference(model, trainer.test.images, batch_size=1, count=500,
+                                                         precision=config.precision, repeats=repeats, **stats),
+        "infer_images_per_second_batch1024": time_inference(model, trainer.test.images, batch_size=1024,
+                                                            count=len(trainer.test), precision=config.precision,
+                                                            repeats=repeats, **stats),
+    })
+    return result
+
+
+def markdown_row(result: dict[str, Any]) -> str:
+    """One row for docs/benchmarks.md (columns in MARKDOWN_HEADER)."""
+    medians = result["median_epoch_seconds"]
+    per_sample = medians.get("per-sample")
+    recipe = result.get("recipe")
+    return "| " + " | ".join([
+        result["date"], result["name"], result["precision"], result["hardware"],
+        f"{medians['tensor']:.1f}", f"{per_sample:.1f}" if per_sample else "-",
+        f"{result['speedup']:.2f}x" if "speedup" in result else "-",
+        f"{result['eval_seconds']:.2f}", f"{result['train_images_per_second']:.0f}",
+        f"{result['infer_images_per_second_batch1']:.0f}", f"{result['infer_images_per_second_batch1024']:.0f}",
+        f"{recipe['train_seconds']:.0f} s, {recipe['test_acc_at_best_val']:.2f}%" if recipe else "-",
+        str(result["repeats"]), (result.get("git_revision") or "-")[:12],
+    ]) + " |"
+
+
+MARKDOWN_HEADER = (
+    "| date | config | precision | hardware | train s/epoch | per-sample s/epoch | speed-up | eval s (10k) "
+    "| train img/s | infer img/s (batch 1) | infer img/s (batch 1024) | full recipe | runs | code |\n"
+    "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+)

@@ -205,6 +205,58 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kmnist import bench, runs
+    from kmnist.data import load_dataset
+    from kmnist.runinfo import environment, hardware_summary
+
+    config = config_from_args(args)
+    if args.repeats < 1 or (args.max_batches is not None and args.max_batches < 1):
+        raise KmnistError("--repeats and --max-batches must be at least 1")
+    dataset = load_dataset(config.dataset, data_dir_from_args(args), check_md5=not args.skip_md5)
+    name = args.preset or config.model
+    print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "
+          f"{args.repeats} run(s) of each measurement", flush=True)
+    result = bench.run_benchmark(config, dataset, args.repeats, args.max_batches, compare=not args.no_compare)
+    env = environment()
+    result.update(name=name, config=config.to_dict(), precision=config.precision, hardware=hardware_summary(env),
+                  environment=env, git_revision=env["git_revision"], date=time.strftime("%Y-%m-%d"))
+    if args.full:
+        from kmnist.runner import train_run
+
+        run_dir = Path(args.out or f"runs/bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(f"training the full recipe in {run_dir} ...", flush=True)
+        result["recipe"] = train_run(config, run_dir, data_dir_from_args(args), progress=show_progress(args),
+                                     check_md5=not args.skip_md5)
+    medians = result["median_epoch_seconds"]
+    rows = [("train epoch (in-memory tensors)", f"{medians['tensor']:.2f} s")]
+    if "per-sample" in medians:
+        rows += [("train epoch (per-sample DataLoader)", f"{medians['per-sample']:.2f} s"),
+                 ("speed-up", f"{result['speedup']:.2f}x")]
+    rows += [("training images/s", f"{result['train_images_per_second']:.0f}"),
+             (f"evaluation pass ({result['eval_images']} images)", f"{result['eval_seconds']:.3f} s"),
+             ("inference images/s, batch 1", f"{result['infer_images_per_second_batch1']:.0f}"),
+             ("inference images/s, batch 1024", f"{result['infer_images_per_second_batch1024']:.0f}")]
+    if "recipe" in result:
+        recipe = result["recipe"]
+        rows += [("full recipe training time", f"{recipe['train_seconds']:.1f} s"),
+                 ("full recipe test acc (val-selected)", f"{recipe['test_acc_at_best_val']:.2f}%")]
+    width = max(len(label) for label, _ in rows)
+    print(f"on {result['hardware']}:")
+    for label, value in rows:
+        print(f"  {label:<{width}}  {value}")
+    if args.json:
+        runs.write_json(Path(args.json), result)
+    if args.markdown:
+        path = Path(args.markdown)
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        if bench.MARKDOWN_HEADER.splitlines()[0] not in text:
+            text += ("\n" if text and not text.endswith("\n") else "") + bench.MARKDOWN_HEADER + "\n"
+        runs.atomic_write_text(path, text + bench.markdown_row(result) + "\n")
+        print(f"appended a row to {path}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kmnist.models import list_models, model_defaults
 
@@ -257,6 +309,23 @@ def build_parser() -> Parser:
                           help="test-time augmentation: average over N one-pixel-shifted views, 1-9 (default: 1, off)")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    bench = commands.add_parser("bench", help="time training, evaluation and inference; compare pipelines",
+                                description="Seconds per training epoch of kmnist's loop and of a per-sample "
+                                            "DataLoader pipeline of the same model (interleaved, in one process), "
+                                            "evaluation time, and inference throughput at batch 1 and 1024.")
+    add_data_options(bench)
+    bench.add_argument("--repeats", type=int, default=3, help="runs of each measurement; medians reported (default: 3)")
+    bench.add_argument("--max-batches", type=int, default=None, metavar="N",
+                       help="time N batches per epoch and scale to a whole epoch (default: whole epochs)")
+    bench.add_argument("--no-compare", action="store_true", help="skip the per-sample pipeline")
+    bench.add_argument("--full", action="store_true", help="also train the whole recipe and report its time and accuracy")
+    bench.add_argument("--out", metavar="DIR", help="run directory for --full")
+    bench.add_argument("--json", metavar="FILE", help="write all results, with the hardware, as JSON")
+    bench.add_argument("--markdown", metavar="FILE", help="append a row to this Markdown table (e.g. docs/benchmarks.md)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_config_options(bench)
+    bench.set_defaults(handler=cmd_bench)
 
     models = commands.add_parser("models", help="list registered models and their arguments")
     models.set_defaults(handler=cmd_models)
