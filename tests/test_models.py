@@ -27,8 +27,9 @@ def test_registered_model_gives_logits(name: str, num_classes: int) -> None:
 
 @pytest.mark.parametrize("patch", [2, 4, 7, 14])
 @pytest.mark.parametrize("residual", [True, False])
-def test_report_mixer_patch_sizes(patch: int, residual: bool) -> None:
-    model = create_model("report-mixer", patch=patch, residual=residual).eval()
+@pytest.mark.parametrize("stem_norm", ["channels", "tokens"])
+def test_report_mixer_patch_sizes(patch: int, residual: bool, stem_norm: str) -> None:
+    model = create_model("report-mixer", patch=patch, residual=residual, stem_norm=stem_norm).eval()
     with torch.no_grad():
         logits = model(torch.randn(3, 1, 28, 28))
     assert logits.shape == (3, 10) and torch.isfinite(logits).all()
@@ -41,6 +42,14 @@ def test_report_mixer_matches_the_report_layout() -> None:
     assert model.blocks[0].mlp_tokens[0].in_features == 49 and model.blocks[0].mlp_tokens[0].out_features == 512
     assert len(model.blocks) == 2
     assert model.head.out_features == 10
+
+
+@pytest.mark.parametrize("patch, stride", [(4, 4), (4, 2), (7, 7), (2, 2), (6, 2)])
+def test_mixer_patches_and_strides(patch: int, stride: int) -> None:
+    model = create_model("mixer", patch=patch, stride=stride, dim=32, depth=2).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in model.modules())  # all-MLP: no convolution
 
 
 def test_bad_model_arguments_are_user_errors() -> None:

@@ -44,14 +44,20 @@ class ReportMixer(nn.Module):
     """The report's classifier. Its open parts (residual, dropout, width) are arguments; see docs/model.md."""
 
     def __init__(self, num_classes: int = 10, patch: int = 4, channels: int = 16, token_hidden: int = 512,
-                 channel_hidden: int = 512, blocks: int = 2, dropout: float = 0.0, residual: bool = True):
+                 channel_hidden: int = 512, blocks: int = 2, dropout: float = 0.0, residual: bool = True,
+                 stem_norm: str = "channels"):
         super().__init__()
         if patch < 1 or IMAGE_SIZE % patch:
             raise ValueError(f"patch must divide {IMAGE_SIZE} (1, 2, 4, 7, 14 or 28), got {patch}")
+        if stem_norm not in ("channels", "tokens"):
+            raise ValueError(f"stem_norm must be 'channels' or 'tokens', got {stem_norm!r}")
         self.patch = patch
         tokens = (IMAGE_SIZE // patch) ** 2
         self.stem = nn.Linear(patch * patch, channels)
-        self.stem_norm = nn.BatchNorm1d(channels)
+        # BatchNorm1d(channels) on (B, C, T) normalises each channel; BatchNorm1d(tokens) applied to the
+        # (B, T, C) tensor as it comes normalises each patch position instead (an equally short reading).
+        self.stem_norm_axis = stem_norm
+        self.stem_norm = nn.BatchNorm1d(channels if stem_norm == "channels" else tokens)
         self.blocks = nn.Sequential(*[
             ReportMixerBlock(tokens, channels, token_hidden, channel_hidden, dropout, residual) for _ in range(blocks)
         ])
@@ -59,7 +65,10 @@ class ReportMixer(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, classes)
         x = self.stem(patchify(images, self.patch))  # (B, T, C)
-        x = self.stem_norm(x.transpose(1, 2)).transpose(1, 2)  # BatchNorm over channels
+        if self.stem_norm_axis == "channels":
+            x = self.stem_norm(x.transpose(1, 2)).transpose(1, 2)
+        else:
+            x = self.stem_norm(x)
         x = self.blocks(x)
         logits = self.head(x.mean(dim=1))  # mean over tokens
         return logits
