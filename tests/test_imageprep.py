@@ -1,0 +1,123 @@
+"""Decoding under limits and preprocessing to KMNIST style: the variants a person might send all land the same."""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kmnist.errors import ImageError
+from kmnist.imageprep import Limits, decode_image, prepare_bytes, prepare_file, read_image_file, to_kmnist_style
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def character() -> np.ndarray:
+    """A character already in KMNIST style: ink spans all 28 rows, box centred across, peak 255, black background."""
+    image = np.zeros((28, 28), dtype=np.uint8)
+    image[:, 12:15] = 255  # a stroke from the top row to the bottom row
+    image[5:9, 8:19] = 200  # bars 11 pixels wide: the box is columns 8..18, where centring puts it ((28 - 11) // 2)
+    image[20:23, 8:19] = 128
+    return image
+
+
+def test_dataset_style_image_is_unchanged(character: np.ndarray) -> None:
+    assert np.array_equal(prepare_bytes(encode(Image.fromarray(character))), character)
+
+
+def test_inverted_rgb_rgba_and_padded_variants_give_the_same_image(character: np.ndarray) -> None:
+    dark_on_light = Image.fromarray(255 - character)
+    transparent = Image.new("RGBA", (28, 28), (0, 0, 0, 0))  # dark ink on a transparent canvas
+    transparent.putalpha(Image.fromarray(character))
+    padded = np.zeros((90, 60), dtype=np.uint8)
+    padded[7:35, 29:57] = character  # off-centre in a larger frame
+    sixteen_bit = Image.fromarray(character.astype(np.uint16) * 257)  # a 16-bit greyscale PNG
+    for variant in (dark_on_light, dark_on_light.convert("RGB"), transparent, Image.fromarray(padded), sixteen_bit):
+        assert np.array_equal(prepare_bytes(encode(variant)), character), variant.mode
+
+
+def test_upscaled_and_jpeg_variants_stay_close(character: np.ndarray) -> None:
+    upscaled = Image.fromarray(character).resize((112, 112), Image.Resampling.BICUBIC)
+    jpeg = encode(Image.fromarray(255 - character).convert("RGB"), "JPEG", quality=75)
+    for data in (encode(upscaled), jpeg):
+        difference = np.abs(prepare_bytes(data).astype(int) - character).mean()
+        assert difference < 15, difference  # mean over pixels, of 255 levels; an unrelated character: about 65
+
+
+def test_small_dark_character_on_grey_paper_fills_the_frame() -> None:
+    paper = np.full((200, 300), 190, dtype=np.uint8)  # grey photo background
+    paper[120:160, 40:60] = 30  # a 40 x 20 blob of dark ink, far from the centre
+    result = prepare_bytes(encode(Image.fromarray(paper)))
+    assert result.dtype == np.uint8 and result.shape == (28, 28)
+    rows = np.flatnonzero(result.max(axis=1) > 50)
+    columns = np.flatnonzero(result.max(axis=0) > 50)
+    assert rows[0] == 0 and rows[-1] == 27  # the longer side fills the frame
+    assert abs((columns[0] + columns[-1]) / 2 - 13.5) <= 0.5  # the box is centred
+    assert result.max() == 255 and result[0, 0] == 0  # full-strength ink, black background
+
+
+def test_exif_rotation_is_applied() -> None:
+    tall = np.zeros((40, 20), dtype=np.uint8)
+    tall[2:38, 8:12] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    decoded = decode_image(encode(Image.fromarray(tall), "PNG", exif=exif.tobytes()))
+    assert decoded.shape == (20, 40)
+
+
+def test_blank_image_is_refused() -> None:
+    with pytest.raises(ImageError, match="blank") as caught:
+        to_kmnist_style(np.full((50, 50), 0.8, dtype=np.float32))
+    assert caught.value.kind == "blank_image"
+
+
+def test_decompression_bomb_is_refused_before_decoding() -> None:
+    bomb = encode(Image.new("L", (6000, 6000)))  # 36 megapixels in a few kilobytes
+    assert len(bomb) < 100_000
+    started = time.perf_counter()
+    with pytest.raises(ImageError) as caught:
+        decode_image(bomb, Limits(max_pixels=1_000_000))
+    assert caught.value.kind == "too_many_pixels" and "6000x6000" in str(caught.value)
+    assert time.perf_counter() - started < 0.5  # refused from the header, not decoded
+
+
+@pytest.mark.parametrize("data, kind", [
+    (b"", "empty"),
+    (b"x" * 2000, "too_large"),
+    (b"just some text, not an image", "not_an_image"),
+    (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\n", "not_an_image"),  # EPS would run Ghostscript
+    (b"<svg xmlns='http://www.w3.org/2000/svg'/>", "not_an_image"),
+])
+def test_bad_bytes_are_refused_with_a_kind(data: bytes, kind: str) -> None:
+    with pytest.raises(ImageError) as caught:
+        decode_image(data, Limits(max_bytes=1000))
+    assert caught.value.kind == kind
+
+
+def test_truncated_image_is_refused(character: np.ndarray) -> None:
+    data = encode(Image.fromarray(character).resize((200, 200)))
+    with pytest.raises(ImageError, match="cannot decode") as caught:
+        decode_image(data[: len(data) // 2])
+    assert caught.value.kind == "not_an_image"
+
+
+def test_files(tmp_path: Path, character: np.ndarray) -> None:
+    path = tmp_path / "char.png"
+    Image.fromarray(character).save(path)
+    assert np.array_equal(prepare_file(path), character)
+    with pytest.raises(ImageError, match="no such file"):
+        read_image_file(tmp_path / "missing.png")
+    with pytest.raises(ImageError, match="folder"):
+        read_image_file(tmp_path)
+    with pytest.raises(ImageError) as caught:
+        read_image_file(path, Limits(max_bytes=10))
+    assert caught.value.kind == "too_large"
