@@ -99,6 +99,25 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a one-epoch fit on synthetic KMNIST-shaped data: a real checkpoint in seconds, made once."""
+    from kmnist.config import TrainConfig
+    from kmnist.data import read_classmap
+    from kmnist.train import fit
+
+    train_images, train_labels = synthetic_arrays(600, 10, 0)
+    test_images, test_labels = synthetic_arrays(200, 10, 1)
+    dataset = Dataset("kmnist", read_classmap(None, "kmnist"),
+                      Split(torch.from_numpy(train_images), torch.from_numpy(train_labels.astype(np.int64))),
+                      Split(torch.from_numpy(test_images), torch.from_numpy(test_labels.astype(np.int64))))
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    config = TrainConfig(epochs=1, val_size=100, batch_size=32, threads=1,
+                         model_args={"token_hidden": 64, "channel_hidden": 64})
+    fit(config, dataset, run_dir, progress=False)
+    return run_dir / "best.pt"
+
+
 def copy_real(real: Path, target: Path, names: list[str]) -> Path:
     folder = target / "kmnist"
     folder.mkdir(parents=True, exist_ok=True)

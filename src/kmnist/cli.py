@@ -205,6 +205,46 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from kmnist.imageprep import Limits
+    from kmnist.predict import Classifier, predict_files
+
+    classifier = Classifier.from_file(args.checkpoint)
+    limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
+    save_dir = Path(args.save_preprocessed) if args.save_preprocessed else None
+    if save_dir is not None:
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise KmnistError(f"cannot create {save_dir}: {error.strerror or error}") from None
+    results, failed, count = [], 0, 0
+    for count, result in enumerate(predict_files(classifier, args.images, top_k=args.top_k,
+                                                  batch_size=args.batch_size, limits=limits,
+                                                  recursive=args.recursive), start=1):
+        image = result.pop("image", None)
+        if "error" in result:
+            failed += 1
+            print(f"kmnist predict: error: {result['path']}: {result['error']}", file=sys.stderr, flush=True)
+        elif save_dir is not None:
+            from PIL import Image
+
+            Image.fromarray(image).save(save_dir / f"{count:05d}-{Path(result['path']).stem}.png")
+        if args.json:
+            results.append(result)
+        elif "top" in result:
+            ranked = "  ".join(f"{t['character']}[{t['class_index']}] {t['probability'] * 100:5.1f}%"
+                               for t in result["top"])
+            print(f"{result['path']}  {ranked}", flush=True)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": classifier.dataset,
+                          "model": classifier.model_name, "count": len(results), "failed": failed,
+                          "results": results}, indent=2, ensure_ascii=False))
+    if failed:
+        print(f"kmnist predict: {failed} of {count} file(s) could not be used", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kmnist.models import list_models, model_defaults
 
@@ -255,6 +295,25 @@ def build_parser() -> Parser:
                                                        "(default: evaluation-<split> beside the first checkpoint)")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(handler=cmd_evaluate)
+
+    predict = commands.add_parser("predict", help="classify image files (PNG, JPEG, ...) or folders of them",
+                                  description="Classify images of single characters: each is converted to "
+                                              "KMNIST's style (greyscale, light ink on black, cropped to the ink, "
+                                              "centred, filling the 28x28 frame) and the top classes printed. "
+                                              "A file that cannot be read gets a one-line error; the others "
+                                              "are still classified, and the exit status is then 1.")
+    predict.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of them")
+    predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    predict.add_argument("--json", action="store_true", help="print all results as one JSON document")
+    predict.add_argument("--recursive", action="store_true", help="also take images from subfolders")
+    predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    predict.add_argument("--save-preprocessed", metavar="DIR",
+                         help="also write the 28x28 image the model saw for each input, as PNG")
+    predict.add_argument("--max-file-mb", type=float, default=20, help="refuse larger files (default: 20)")
+    predict.add_argument("--max-megapixels", type=float, default=50,
+                         help="refuse images with more pixels, before decoding them (default: 50)")
+    predict.set_defaults(handler=cmd_predict)
 
     models = commands.add_parser("models", help="list registered models and their arguments")
     models.set_defaults(handler=cmd_models)
