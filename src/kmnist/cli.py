@@ -245,6 +245,20 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kmnist.export import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.onnx, data_dir_from_args(args), check_md5=not args.skip_md5,
+                               tolerance=args.tolerance, batch_size=args.batch_size)
+    print(f"wrote {report['path']} ({report['bytes'] / 1024:.0f} KiB, opset {report['opset']}, "
+          f"input {report['input']}, outputs {', '.join(report['outputs'])})")
+    print(f"validated with onnxruntime {report['onnxruntime_version']} on the {report['split']} split of "
+          f"{report['dataset']} ({report['count']} images):")
+    print(f"  same predictions as PyTorch  {report['count'] - report['mismatches']}/{report['count']}")
+    print(f"  max absolute logit difference {report['max_abs_logit_diff']:.2e} (tolerance {args.tolerance:.0e})")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kmnist.models import list_models, model_defaults
 
@@ -314,6 +328,19 @@ def build_parser() -> Parser:
     predict.add_argument("--max-megapixels", type=float, default=50,
                          help="refuse images with more pixels, before decoding them (default: 50)")
     predict.set_defaults(handler=cmd_predict)
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX and check it against PyTorch",
+                                 description="Write an ONNX model (dynamic batch; input: float32 pixels 0-255, "
+                                             "(batch, 28, 28), light ink on black; normalisation inside) and "
+                                             "check with onnxruntime that it gives the same predictions as "
+                                             "PyTorch on the whole test split.")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
+    export.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
+    add_data_options(export)
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest absolute logit difference accepted (default: 1e-4)")
+    export.add_argument("--batch-size", type=int, default=1000, help="images per validation batch (default: 1000)")
+    export.set_defaults(handler=cmd_export)
 
     models = commands.add_parser("models", help="list registered models and their arguments")
     models.set_defaults(handler=cmd_models)
