@@ -45,6 +45,13 @@ def test_inverted_rgb_rgba_and_padded_variants_give_the_same_image(character: np
         assert np.array_equal(prepare_bytes(encode(variant)), character), variant.mode
 
 
+@pytest.mark.parametrize("fmt, options", [("GIF", {}), ("BMP", {}), ("TIFF", {"compression": "tiff_lzw"}),
+                                          ("WEBP", {"lossless": True}), ("PPM", {}), ("JPEG", {"quality": 100})])
+def test_common_formats_decode(character: np.ndarray, fmt: str, options: dict) -> None:
+    result = prepare_bytes(encode(Image.fromarray(character), fmt, **options))
+    assert np.abs(result.astype(int) - character).max() <= (40 if fmt == "JPEG" else 0)
+
+
 def test_upscaled_and_jpeg_variants_stay_close(character: np.ndarray) -> None:
     upscaled = Image.fromarray(character).resize((112, 112), Image.Resampling.BICUBIC)
     jpeg = encode(Image.fromarray(255 - character).convert("RGB"), "JPEG", quality=75)

@@ -18,7 +18,8 @@ from kmnist.data import IMAGE_SIZE
 from kmnist.errors import ImageError
 
 # Raster formats only: Pillow's other plugins (EPS runs Ghostscript, for one) are no part of this job.
-FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
+# JPEG includes the multi-picture JPEGs (MPO) that many cameras write; PPM includes PGM and PBM.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 INK_THRESHOLD = 0.2  # ink level (0 background, 1 darkest stroke) a pixel needs to count for the bounding box
 MIN_CONTRAST = 0.05  # ink range below this (about 13 of 255 levels) is a blank image, not a character
 BORDER_FRACTION = 0.02  # width of the border ring that estimates the background, as a fraction of the shorter side
