@@ -6,7 +6,9 @@ import gzip
 import shutil
 import struct
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -116,6 +118,32 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
                          model_args={"token_hidden": 64, "channel_hidden": 64})
     fit(config, dataset, run_dir, progress=False)
     return run_dir / "best.pt"
+
+
+@contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Run an ASGI app with uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from kmnist.serve import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the test server did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def copy_real(real: Path, target: Path, names: list[str]) -> Path:

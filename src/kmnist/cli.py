@@ -259,6 +259,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kmnist.serve import ServeOptions, run_server
+
+    options = ServeOptions(data_dir=data_dir_from_args(args), check_md5=not args.skip_md5, top_k=args.top_k,
+                           max_upload_bytes=int(args.max_upload_mb * 2**20),
+                           max_pixels=int(args.max_megapixels * 1e6))
+    return run_server(args.checkpoint, options, host=args.host, port=args.port, threads=args.threads,
+                      access_log=args.access_log)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kmnist.models import list_models, model_defaults
 
@@ -341,6 +351,25 @@ def build_parser() -> Parser:
                         help="largest absolute logit difference accepted (default: 1e-4)")
     export.add_argument("--batch-size", type=int, default=1000, help="images per validation batch (default: 1000)")
     export.set_defaults(handler=cmd_export)
+
+    serve = commands.add_parser("serve", help="HTTP service and drawing page for a checkpoint",
+                                description="Serve POST /predict (image upload -> top classes as JSON), "
+                                            "GET /health, OpenAPI docs at /docs, and at / a page to draw a "
+                                            "character and see the model's guesses.")
+    serve.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: 127.0.0.1, this machine only; the service has no "
+                            "authentication)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
+    add_data_options(serve)
+    serve.add_argument("--top-k", type=int, default=5, help="classes per answer unless a request asks (default: 5)")
+    serve.add_argument("--max-upload-mb", type=float, default=5, help="refuse larger request bodies (default: 5)")
+    serve.add_argument("--max-megapixels", type=float, default=16,
+                       help="refuse images with more pixels, before decoding them (default: 16)")
+    serve.add_argument("--threads", type=int, default=1,
+                       help="torch threads per request (default: 1; requests already run in parallel)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list registered models and their arguments")
     models.set_defaults(handler=cmd_models)
