@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -185,3 +188,28 @@ def test_concurrent_requests_on_a_real_socket(app, classifier: Classifier, image
     assert sorted(index for index, _ in good) == list(range(len(uploads)))
     assert all(top == expected[index] for index, top in good)
     assert all(answer == (415, "not_an_image") for answer in results if not isinstance(answer[1], list))
+
+
+def test_serve_command_on_loopback_and_a_busy_port(tiny_checkpoint: Path) -> None:
+    """`kmnist serve --port 0` reports its address and answers; a second one on that port fails in one line."""
+    command = [sys.executable, "-m", "kmnist", "serve", str(tiny_checkpoint), "--port", "0"]
+    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first_line = server.stdout.readline()  # printed once the socket is bound, before serving starts
+        url = first_line.split()[2]
+        assert url.startswith("http://127.0.0.1:"), first_line
+        health = None
+        for _ in range(100):  # until uvicorn accepts connections
+            try:
+                health = httpx.get(url + "health", timeout=5)
+                break
+            except httpx.TransportError:
+                time.sleep(0.05)
+        assert health is not None and health.json()["status"] == "ok"
+        port = url.rstrip("/").rsplit(":", 1)[1]
+        busy = subprocess.run([*command[:-1], port], capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and busy.stderr.count("\n") == 1
+        assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
