@@ -98,22 +98,33 @@ def read_image_file(path: str | Path, limits: Limits = Limits()) -> np.ndarray:
     return decode_image(data, limits)
 
 
-def border_level(grey: np.ndarray) -> float:
-    """Median of a thin ring along the image's edges: the background, since a character sits inside."""
+def background(grey: np.ndarray) -> np.ndarray:
+    """The paper's level at each pixel: a plane through the medians of the four edges.
+
+    The edges show the background, since a character sits inside; a plane follows the uneven light
+    of a photo, and for an evenly lit image it is the constant border level.
+    """
     ring = max(1, round(BORDER_FRACTION * min(grey.shape)))
-    edges = np.concatenate([grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(), grey[:, -ring:].ravel()])
-    return float(np.median(edges))
+    top, bottom = np.median(grey[:ring]), np.median(grey[-ring:])
+    left, right = np.median(grey[:, :ring]), np.median(grey[:, -ring:])
+    level = np.median(np.concatenate([grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(),
+                                      grey[:, -ring:].ravel()]))
+    height, width = grey.shape
+    rows = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None] * (bottom - top)
+    columns = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :] * (right - left)
+    return (level + rows + columns).astype(np.float32)
 
 
 def ink_image(grey: np.ndarray) -> np.ndarray:
     """Greyscale -> ink in [0, 1] on a 0 background: dark-on-light is inverted, the background removed, contrast stretched."""
-    background = border_level(grey)
-    if background > 0.5:  # dark ink on light paper
-        grey, background = 1 - grey, 1 - background
-    peak = float(grey.max())
-    if peak - background < MIN_CONTRAST:
+    paper = background(grey)
+    if float(np.median(paper)) > 0.5:  # dark ink on light paper
+        grey, paper = 1 - grey, 1 - paper
+    ink = grey - paper
+    peak = float(ink.max())
+    if peak < MIN_CONTRAST:
         raise ImageError("no character found (the image is blank)", "blank_image")
-    return np.clip((grey - background) / (peak - background), 0, 1)
+    return np.clip(ink / peak, 0, 1)
 
 
 def ink_bounding_box(ink: np.ndarray, threshold: float = INK_THRESHOLD) -> tuple[int, int, int, int]:
