@@ -98,29 +98,30 @@ def read_image_file(path: str | Path, limits: Limits = Limits()) -> np.ndarray:
     return decode_image(data, limits)
 
 
-def background(grey: np.ndarray) -> np.ndarray:
-    """The paper's level at each pixel: a plane through the medians of the four edges.
-
-    The edges show the background, since a character sits inside; a plane follows the uneven light
-    of a photo, and for an evenly lit image it is the constant border level.
-    """
+def edges(grey: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Thin strips along the top, bottom, left and right: background, since a character sits inside."""
     ring = max(1, round(BORDER_FRACTION * min(grey.shape)))
-    top, bottom = np.median(grey[:ring]), np.median(grey[-ring:])
-    left, right = np.median(grey[:, :ring]), np.median(grey[:, -ring:])
-    level = np.median(np.concatenate([grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(),
-                                      grey[:, -ring:].ravel()]))
-    height, width = grey.shape
+    return grey[:ring].ravel(), grey[-ring:].ravel(), grey[:, :ring].ravel(), grey[:, -ring:].ravel()
+
+
+def background(ink: np.ndarray) -> np.ndarray:
+    """The paper's level at each pixel of an ink-is-bright image: a plane through the four edges' levels.
+
+    A plane follows the uneven light of a photo; for an evenly lit image it is the constant border
+    level. Each edge's level is its lower quartile, which ignores ink covering up to 3/4 of that edge.
+    """
+    top, bottom, left, right = (float(np.percentile(strip, 25)) for strip in edges(ink))
+    height, width = ink.shape
     rows = np.linspace(-0.5, 0.5, height, dtype=np.float32)[:, None] * (bottom - top)
     columns = np.linspace(-0.5, 0.5, width, dtype=np.float32)[None, :] * (right - left)
-    return (level + rows + columns).astype(np.float32)
+    return ((top + bottom + left + right) / 4 + rows + columns).astype(np.float32)
 
 
 def ink_image(grey: np.ndarray) -> np.ndarray:
     """Greyscale -> ink in [0, 1] on a 0 background: dark-on-light is inverted, the background removed, contrast stretched."""
-    paper = background(grey)
-    if float(np.median(paper)) > 0.5:  # dark ink on light paper
-        grey, paper = 1 - grey, 1 - paper
-    ink = grey - paper
+    if float(np.median(np.concatenate(edges(grey)))) > 0.5:  # dark ink on light paper
+        grey = 1 - grey
+    ink = grey - background(grey)
     peak = float(ink.max())
     if peak < MIN_CONTRAST:
         raise ImageError("no character found (the image is blank)", "blank_image")
