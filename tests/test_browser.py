@@ -121,3 +121,8 @@ def test_random_test_image(page) -> None:
     button.click()
     sync_api.expect(page.locator("#status")).to_contain_text("true class")
     sync_api.expect(page.locator("#predictions li")).to_have_count(5)
+
+
+def test_openapi_docs_page_renders_offline(page, server_url: str) -> None:
+    page.goto(server_url + "/docs")
+    sync_api.expect(page.locator(".opblock-summary-path", has_text="/predict")).to_be_visible()
