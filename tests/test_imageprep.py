@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from kmnist import imageprep
 from kmnist.errors import ImageError
 from kmnist.imageprep import Limits, decode_image, prepare_bytes, prepare_file, read_image_file, to_kmnist_style
 
@@ -70,6 +71,24 @@ def test_small_dark_character_on_unevenly_lit_paper_fills_the_frame() -> None:
     assert rows[0] == 0 and rows[-1] == 27  # the longer side fills the frame
     assert 13 <= len(columns) <= 15 and abs((columns[0] + columns[-1]) / 2 - 13.5) <= 0.5  # 2:1, centred
     assert result.max() == 255 and result[:, :5].max() < 30  # full-strength ink; the paper's shading is gone
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "P", "I;16"])
+def test_large_image_is_reduced_first_without_changing_the_result(character: np.ndarray, mode: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    large = Image.fromarray(255 - character).resize((2800, 2800), Image.Resampling.NEAREST)  # 100x, dark on white
+    large = large.convert(mode) if mode != "I;16" else Image.fromarray(np.asarray(large).astype(np.uint16) * 257)
+    files = [(encode(large), 934)]  # 2800 / 3, rounded up
+    if mode == "RGB":
+        files.append((encode(large, "JPEG", quality=95), 700))  # decoded at half size (1400), then halved
+    for data, side in files:
+        assert decode_image(data).shape == (side, side)
+        reduced = prepare_bytes(data)
+        with monkeypatch.context() as patch:
+            patch.setattr(imageprep, "WORKING_SIDE", 10**6)
+            assert decode_image(data).shape == (2800, 2800)
+            whole = prepare_bytes(data)
+        assert np.abs(reduced.astype(int) - whole).mean() < 3  # of 255 levels
 
 
 def test_exif_rotation_is_applied() -> None:
