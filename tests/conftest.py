@@ -1,4 +1,5 @@
-"""Shared fixtures: small datasets written in the official file formats, and the real data when present."""
+"""Shared fixtures: small datasets in the official file formats, the real data when present, a tiny trained
+checkpoint, and a loopback test server."""
 
 from __future__ import annotations
 
