@@ -213,3 +213,19 @@ def test_serve_command_on_loopback_and_a_busy_port(tiny_checkpoint: Path) -> Non
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_load_script_counts_requests_and_errors(app) -> None:
+    """benchmarks/load_serve.py's client loop, briefly, so the acceptance script keeps working."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "load_serve.py"
+    spec = importlib.util.spec_from_file_location("load_serve", path)
+    load_serve = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_serve)
+    uploads, _ = load_serve.test_images(None, 5)
+    with serve_in_thread(app) as url:
+        good = load_serve.run_load(url, uploads, requests=40, clients=4, time_limit=60)
+        bad = load_serve.run_load(url, [b"not an image"], requests=6, clients=2, time_limit=60)
+    assert good["requests_sent"] == 40 and good["errors"] == 0 and good["latency_ms"]["p99"] > 0
+    assert bad["requests_sent"] == 6 and bad["errors"] == 6 and bad["first_errors"][0] == "status 415"
