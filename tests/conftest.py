@@ -1,4 +1,5 @@
-"""Shared fixtures: small datasets written in the official file formats, and the real data when present."""
+"""Shared fixtures: small datasets in the official file formats, the real data when present, a tiny trained
+checkpoint, and a loopback test server."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import gzip
 import shutil
 import struct
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pytest
@@ -97,6 +100,51 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
         raise urllib.error.URLError("network unreachable")
 
     monkeypatch.setattr(urllib.request, "urlopen", refuse)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """best.pt of a one-epoch fit on synthetic KMNIST-shaped data: a real checkpoint in seconds, made once."""
+    from kmnist.config import TrainConfig
+    from kmnist.data import read_classmap
+    from kmnist.train import fit
+
+    train_images, train_labels = synthetic_arrays(600, 10, 0)
+    test_images, test_labels = synthetic_arrays(200, 10, 1)
+    dataset = Dataset("kmnist", read_classmap(None, "kmnist"),
+                      Split(torch.from_numpy(train_images), torch.from_numpy(train_labels.astype(np.int64))),
+                      Split(torch.from_numpy(test_images), torch.from_numpy(test_labels.astype(np.int64))))
+    run_dir = tmp_path_factory.mktemp("tiny-run")
+    config = TrainConfig(epochs=1, val_size=100, batch_size=32, threads=1,
+                         model_args={"token_hidden": 64, "channel_hidden": 64})
+    fit(config, dataset, run_dir, progress=False)
+    return run_dir / "best.pt"
+
+
+@contextmanager
+def serve_in_thread(app) -> Iterator[str]:
+    """Run an ASGI app with uvicorn on 127.0.0.1 (a free port) in a thread; yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    from kmnist.serve import bind_socket
+
+    sock = bind_socket("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.started, "the test server did not start"
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
 
 
 def copy_real(real: Path, target: Path, names: list[str]) -> Path:

@@ -257,6 +257,71 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from kmnist.imageprep import Limits
+    from kmnist.predict import Classifier, predict_files
+
+    classifier = Classifier.from_file(args.checkpoint)
+    limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
+    save_dir = Path(args.save_preprocessed) if args.save_preprocessed else None
+    if save_dir is not None:
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise KmnistError(f"cannot create {save_dir}: {error.strerror or error}") from None
+    results, failed, count = [], 0, 0
+    for count, result in enumerate(predict_files(classifier, args.images, top_k=args.top_k,
+                                                  batch_size=args.batch_size, limits=limits,
+                                                  recursive=args.recursive), start=1):
+        image = result.pop("image", None)
+        if "error" in result:
+            failed += 1
+            print(f"kmnist predict: error: {result['path']}: {result['error']}", file=sys.stderr, flush=True)
+        elif save_dir is not None:
+            from PIL import Image
+
+            Image.fromarray(image).save(save_dir / f"{count:05d}-{Path(result['path']).stem}.png")
+        if args.json:
+            results.append(result)
+        elif "top" in result:
+            ranked = "  ".join(f"{t['character']}[{t['class_index']}] {t['probability'] * 100:5.1f}%"
+                               for t in result["top"])
+            print(f"{result['path']}  {ranked}", flush=True)
+    if args.json:
+        print(json.dumps({"checkpoint": str(args.checkpoint), "dataset": classifier.dataset,
+                          "model": classifier.model_name, "count": len(results), "failed": failed,
+                          "results": results}, indent=2, ensure_ascii=False))
+    if failed:
+        print(f"kmnist predict: {failed} of {count} file(s) could not be used", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kmnist.export import export_checkpoint
+
+    report = export_checkpoint(args.checkpoint, args.onnx, data_dir_from_args(args), check_md5=not args.skip_md5,
+                               tolerance=args.tolerance, batch_size=args.batch_size)
+    print(f"wrote {report['path']} ({report['bytes'] / 1024:.0f} KiB, opset {report['opset']}, "
+          f"input {report['input']}, outputs {', '.join(report['outputs'])})")
+    print(f"validated with onnxruntime {report['onnxruntime_version']} on the {report['split']} split of "
+          f"{report['dataset']} ({report['count']} images):")
+    print(f"  same predictions as PyTorch  {report['count'] - report['mismatches']}/{report['count']}")
+    print(f"  max absolute logit difference {report['max_abs_logit_diff']:.2e} (tolerance {args.tolerance:.0e})")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kmnist.serve import ServeOptions, run_server
+
+    options = ServeOptions(data_dir=data_dir_from_args(args), check_md5=not args.skip_md5, top_k=args.top_k,
+                           max_upload_bytes=int(args.max_upload_mb * 2**20),
+                           max_pixels=int(args.max_megapixels * 1e6))
+    return run_server(args.checkpoint, options, host=args.host, port=args.port, threads=args.threads,
+                      access_log=args.access_log)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kmnist.models import list_models, model_defaults
 
@@ -326,6 +391,57 @@ def build_parser() -> Parser:
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_options(bench)
     bench.set_defaults(handler=cmd_bench)
+
+    predict = commands.add_parser("predict", help="classify image files (PNG, JPEG, ...) or folders of them",
+                                  description="Classify images of single characters: each is converted to "
+                                              "KMNIST's style (greyscale, light ink on black, cropped to the ink, "
+                                              "centred, filling the 28x28 frame) and the top classes printed. "
+                                              "A file that cannot be read gets a one-line error; the others "
+                                              "are still classified, and the exit status is then 1.")
+    predict.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of them")
+    predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
+    predict.add_argument("--json", action="store_true", help="print all results as one JSON document")
+    predict.add_argument("--recursive", action="store_true", help="also take images from subfolders")
+    predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
+    predict.add_argument("--save-preprocessed", metavar="DIR",
+                         help="also write the 28x28 image the model saw for each input, as PNG")
+    predict.add_argument("--max-file-mb", type=float, default=20, help="refuse larger files (default: 20)")
+    predict.add_argument("--max-megapixels", type=float, default=50,
+                         help="refuse images with more pixels, before decoding them (default: 50)")
+    predict.set_defaults(handler=cmd_predict)
+
+    export = commands.add_parser("export", help="export a checkpoint to ONNX and check it against PyTorch",
+                                 description="Write an ONNX model (dynamic batch; input: float32 pixels 0-255, "
+                                             "(batch, 28, 28), light ink on black; normalisation inside) and "
+                                             "check with onnxruntime that it gives the same predictions as "
+                                             "PyTorch on the whole test split.")
+    export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
+    export.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
+    add_data_options(export)
+    export.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest absolute logit difference accepted (default: 1e-4)")
+    export.add_argument("--batch-size", type=int, default=1000, help="images per validation batch (default: 1000)")
+    export.set_defaults(handler=cmd_export)
+
+    serve = commands.add_parser("serve", help="HTTP service and drawing page for a checkpoint",
+                                description="Serve POST /predict (image upload -> top classes as JSON), "
+                                            "GET /health, OpenAPI docs at /docs, and at / a page to draw a "
+                                            "character and see the model's guesses.")
+    serve.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to bind (default: 127.0.0.1, this machine only; the service has no "
+                            "authentication)")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
+    add_data_options(serve)
+    serve.add_argument("--top-k", type=int, default=5, help="classes per answer unless a request asks (default: 5)")
+    serve.add_argument("--max-upload-mb", type=float, default=5, help="refuse larger request bodies (default: 5)")
+    serve.add_argument("--max-megapixels", type=float, default=16,
+                       help="refuse images with more pixels, before decoding them (default: 16)")
+    serve.add_argument("--threads", type=int, default=1,
+                       help="torch threads per request (default: 1; requests already run in parallel)")
+    serve.add_argument("--access-log", action="store_true", help="log every request")
+    serve.set_defaults(handler=cmd_serve)
 
     models = commands.add_parser("models", help="list registered models and their arguments")
     models.set_defaults(handler=cmd_models)

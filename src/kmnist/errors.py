@@ -15,3 +15,11 @@ class TrainingDiverged(KmnistError):
     """The loss became NaN or infinite."""
 
     exit_code = 3
+
+
+class ImageError(KmnistError):
+    """An input image that cannot be used; `kind` names why (empty, too_large, too_many_pixels, not_an_image, ...)."""
+
+    def __init__(self, message: str, kind: str):
+        super().__init__(message)
+        self.kind = kind

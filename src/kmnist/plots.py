@@ -96,3 +96,23 @@ def confident_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np
                        f"p={probabilities[index, guess]:.2f}  #{index}", fontsize=8)
     figure.suptitle(title or "most confidently wrong test images")
     return _save(figure, path)
+
+
+def preprocessing_examples(befores: Sequence[np.ndarray], afters: Sequence[np.ndarray], before_titles: Sequence[str],
+                           after_titles: Sequence[str], path: Path, title: str = "") -> Path:
+    """Images as a person gives them (top row) and the 28x28 model inputs made from them (bottom row)."""
+    _use_kana_font()
+    figure, axes = plt.subplots(2, len(befores), figsize=(2.6 * len(befores), 5.6), squeeze=False)
+    for column, (before, after) in enumerate(zip(befores, afters)):
+        top, bottom = axes[0, column], axes[1, column]
+        top.imshow(before, cmap="gray", vmin=0, vmax=255)
+        bottom.imshow(after, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+        top.set_title(before_titles[column], fontsize=8)
+        bottom.set_title(after_titles[column], fontsize=8)
+        for axis in (top, bottom):
+            axis.set_xticks([])
+            axis.set_yticks([])
+    axes[0, 0].set_ylabel("as given")
+    axes[1, 0].set_ylabel("model input (28x28)")
+    figure.suptitle(title or "kmnist predict: preprocessing")
+    return _save(figure, path)
