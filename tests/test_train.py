@@ -124,3 +124,11 @@ def test_no_validation_split(tiny_dataset, tmp_path: Path) -> None:
     history = fit(config, tiny_dataset, tmp_path, progress=False)
     summary = runs.summarize(history)
     assert summary["best_val_acc"] is None and (tmp_path / runs.BEST).is_file()
+
+
+def test_allocator_setting_is_applied_once_and_harmless() -> None:
+    from kmnist.cpu import keep_freed_memory
+
+    first = keep_freed_memory()
+    assert keep_freed_memory() == first
+    assert torch.ones(3).sum() == 3

@@ -457,6 +457,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    from kmnist.cpu import keep_freed_memory
+
+    keep_freed_memory()
     try:
         return args.handler(args)
     except KmnistError as error:

@@ -55,7 +55,8 @@ class TrainConfig:
     balanced_sampling: bool = _field(False, "draw training batches with equal probability per class (imbalanced K49)")
     seed: int = _field(0, "seed for initialisation, batch order and the validation split")
     device: str = _field("auto", "auto (CUDA when present, else CPU), cpu or cuda")
-    precision: str = _field("auto", "auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16")
+    precision: str = _field("auto", "auto (bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32), "
+                                    "fp32 or bf16")
     threads: int = _field(0, "CPU threads for torch; 0 keeps torch's default (one per core)")
     eval_batch_size: int = _field(1024, "images per forward pass when evaluating")
 

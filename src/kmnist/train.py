@@ -16,6 +16,7 @@ from kmnist import runs
 from kmnist.augment import AugmentSettings, augment, mix
 from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from kmnist.config import TrainConfig, same_experiment
+from kmnist.cpu import keep_freed_memory
 from kmnist.data import Dataset, Split, normalize, pixel_stats, split_validation
 from kmnist.errors import KmnistError, TrainingDiverged
 from kmnist.metrics import accuracy, autocast_for, cross_entropy, predict_logits
@@ -115,6 +116,8 @@ class Trainer:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.device = select_device(config.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         torch.manual_seed(config.seed)
         train, val = split_validation(dataset.train, config.val_size, config.seed)
         mean, std = pixel_stats(train.images)

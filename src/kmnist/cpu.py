@@ -1,0 +1,48 @@
+"""Process-level CPU settings that make the training loop faster without changing what it computes."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_LARGEST_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc's ceiling for M_MMAP_THRESHOLD on 64-bit
+_tuned = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc malloc to reuse freed blocks of up to 32 MB instead of returning them to the OS.
+
+    By default each activation tensor over glibc's adaptive threshold gets fresh pages from mmap,
+    and every page is faulted in and zeroed again at every step; for the report's model at batch
+    128 that is about a third of the step time. Returns whether the setting was applied.
+    """
+    global _tuned
+    if _tuned:
+        return True
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): leave the allocator alone
+        return False
+    applied = bool(mallopt(_M_MMAP_THRESHOLD, _LARGEST_MMAP_THRESHOLD))
+    applied = bool(mallopt(_M_TRIM_THRESHOLD, 2 * _LARGEST_MMAP_THRESHOLD)) and applied
+    _tuned = applied
+    return applied
+
+
+def has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AMX or AVX512-BF16), so bf16 autocast pays."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
