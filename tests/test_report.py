@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import csv
+import re
 from pathlib import Path
 
+import pytest
+
 from kmnist import runs
+from kmnist.cli import main
 from kmnist.config import resolve_config
-from kmnist.report import markdown
+from kmnist.errors import KmnistError
+from kmnist.report import markdown, write_report
 from kmnist.results import collect, mean_std, versus_field
 
 
@@ -68,3 +74,40 @@ def test_presets_are_named_and_compared_with_the_report(tmp_path: Path) -> None:
     assert [group.reported_max_test_acc for group in results.groups] == [89.32, 93.13]
     assert versus_field(results) is None  # batch size, lr and epochs all vary
     assert "report: max test acc (%)" in markdown(results) and "| 89.32 |" in markdown(results)
+
+
+def test_report_files_and_accuracy_against_patch(tmp_path: Path, capsys) -> None:
+    for patch, honest in ((2, 88.0), (7, 92.0), (14, 85.0)):
+        for seed in (0, 1):
+            make_run(tmp_path / "sweep" / "trials" / f"model_args.patch={patch},seed={seed}", preset="report-final",
+                     seed=seed, model_args={"patch": patch}, test_at_val=honest + seed)
+    assert main(["report", str(tmp_path / "sweep")]) == 0
+    out = tmp_path / "sweep" / "report"
+    stdout = capsys.readouterr().out
+    assert "| model_args.patch=7 | 7 | 128 | 0.001 | 20 | 2 |" in stdout
+    for name in ("results.md", "results.csv", "report.html", "overlay.png", "accuracy_vs_model_args.patch.png"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "curves").glob("*.png"))) == 6
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["model_args.patch"] for row in rows] == ["2", "7", "14"]
+    assert [row["test_acc_at_best_val_mean"] for row in rows] == ["88.5000", "92.5000", "85.5000"]
+    assert rows[0]["test_acc_at_best_val_std"] == "0.7071" and rows[0]["seeds"] == "0 1"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 + 6
+    assert not re.findall(r"""(?:src|href)=['"](?!data:)""", page)
+
+
+def test_report_errors(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KmnistError, match="holds no run directories"):
+        collect([tmp_path / "empty"])
+    make_run(tmp_path / "runs" / "a", lr=0.01)
+    make_run(tmp_path / "runs" / "b", lr=0.02)
+    with pytest.raises(KmnistError, match="--vs batch_size: not a setting that varies"):
+        write_report([tmp_path / "runs"], tmp_path / "out", vs="batch_size")
+    assert main(["report", str(tmp_path / "runs"), str(tmp_path / "nowhere")]) == 2
+    assert "--out DIR" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such directory" in err[0]

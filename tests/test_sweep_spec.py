@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from kmnist.cli import main
 from kmnist.config import resolve_config
 from kmnist.errors import KmnistError
 from kmnist.sweep_spec import (SweepSpec, build_spec, bundled_definitions, check_points, grid_points, parse_axis,
@@ -116,3 +117,24 @@ def test_impossible_points_fail_before_any_work() -> None:
     spec = build_spec(grid=["model_args.patch=4,5"])
     with pytest.raises(KmnistError, match="model_args.patch=5.*patch must divide"):
         check_points(spec, grid_points(spec))
+
+
+def test_cli_errors_and_dry_run(tmp_path: Path, capsys, monkeypatch) -> None:
+    assert main(["sweep", "--grid", "nope=1", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown sweep axis" in err[0]
+    assert main(["sweep", "--grid", "lr=0.1,0.2"]) == 2
+    assert "--out DIR is needed" in capsys.readouterr().err
+
+    import kmnist.sweep
+
+    monkeypatch.setattr(kmnist.sweep, "available_cores", lambda: 2)
+    assert main(["sweep", "--grid", "lr=0.1,0.2,0.3,0.4", "--jobs", "4", "--threads", "1", "--out",
+                 str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--jobs 4 x 1 threads per worker = 4 threads, more than the 2 cores" in err[0]
+    assert not (tmp_path / "s").exists()
+
+    assert main(["sweep", "--sweep", "patch-size", "--dry-run", "--epochs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "12 runs" in out and "trials/model_args.patch=14,seed=2" in out and "epochs=2" in out
