@@ -76,6 +76,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return resolve_config(preset=args.preset, file_values=file_values, overrides=overrides)
 
 
+def config_values_from_args(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
+    """(preset, fixed config fields) as given by --preset, --config and options, not yet resolved (for sweeps)."""
+    values = load_config_file(args.config) if args.config else {}
+    preset = args.preset or values.pop("preset", None)
+    values.pop("preset", None)
+    values.update({name: getattr(args, name) for name in FIELDS
+                   if name != "model_args" and getattr(args, name, None) is not None})
+    model_args = parse_key_values(args.model_arg, "--model-arg")
+    if model_args:
+        values["model_args"] = {**(values.get("model_args") or {}), **model_args}
+    return preset, values
+
+
 def data_dir_from_args(args: argparse.Namespace) -> Path:
     from kmnist.data import default_data_dir
 
@@ -322,6 +335,112 @@ def cmd_serve(args: argparse.Namespace) -> int:
                       access_log=args.access_log)
 
 
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}"
+
+
+def format_trial(event: dict[str, Any]) -> str:
+    where = f"[{event['done']}/{event['total']}] {event['point']}"
+    if event["state"] == "failed":
+        return f"{where}: FAILED: {event['error']}"
+    summary = event["summary"] or {}
+    text = f"{where}: "
+    if summary.get("best_epoch") is not None:
+        text += (f"val {summary['best_val_acc']:.2f}% (epoch {summary['best_epoch']}), "
+                 f"test at that epoch {summary['test_acc_at_best_val']:.2f}%, ")
+    text += f"max test {summary.get('max_test_acc', float('nan')):.2f}% (test-selected), "
+    text += f"{summary.get('train_seconds', float('nan')):.0f} s"
+    if event.get("resumed"):
+        text += ", resumed"
+    if event.get("eta_seconds") is not None and event["done"] < event["total"]:
+        text += f"; about {format_duration(event['eta_seconds'])} left"
+    return text
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from kmnist import sweep
+    from kmnist.config import coerce
+    from kmnist.sweep_spec import build_spec
+
+    preset, values = config_values_from_args(args)
+    spec = build_spec(definition=args.sweep, grid=args.grid, random=args.random, tpe=args.tpe, seeds=args.seeds,
+                      trials=args.trials, preset=preset, config=values)
+    if args.dry_run:
+        plan = sweep.describe(spec)
+        fixed = ", ".join(f"{k}={v}" for k, v in plan["config"].items())
+        print(f"{plan['method']} sweep over {', '.join(a['name'] for a in plan['axes'])}; seeds "
+              f"{', '.join(map(str, plan['seeds']))}: {plan['runs']} runs")
+        print(f"  base: preset {plan['preset'] or '(defaults)'}" + (f"; {fixed}" if fixed else ""))
+        for name in plan["trial_names"]:
+            print(f"  {sweep.TRIALS}/{name}")
+        return 0
+    if args.out is None and not args.sweep:
+        raise KmnistError("--out DIR is needed (the sweep directory; the same --out continues it)")
+    out = Path(args.out or Path("sweeps") / spec.name)
+    placement = sweep.SweepPlacement(
+        out=out, data_dir=data_dir_from_args(args), storage=args.storage, study=args.study, jobs=args.jobs,
+        threads=coerce("threads", args.threads) if args.threads is not None else 0,
+        device=coerce("device", args.device) if args.device is not None else None,
+        eval_batch_size=coerce("eval_batch_size", args.eval_batch_size) if args.eval_batch_size is not None else None,
+        oversubscribe=args.oversubscribe, check_md5=not args.skip_md5, heartbeat_seconds=args.heartbeat,
+        retry_failed=args.retry_failed)
+
+    def on_start(info: dict[str, Any]) -> None:
+        print(f"kmnist {__version__}: sweep {info['out']}: {info['done']}/{info['total']} runs done; "
+              f"{info['jobs']} worker(s) x {info['threads']} thread(s); study {info['study']} in {info['storage']}",
+              flush=True)
+
+    try:
+        result = sweep.run_sweep(spec, placement, progress=show_progress(args),
+                                 on_trial=lambda event: tqdm.write(format_trial(event)), on_start=on_start)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted; finished trials are saved. Continue with the same command (--out {out}).",
+              file=sys.stderr)
+        return 130
+    print(f"\nsweep {result['out']}: {result['complete']}/{result['total']} runs complete "
+          f"({format_duration(result['seconds'])} this time)")
+    if result["best"] is not None:
+        summary = result["best"]["summary"]
+        text = f"  best by validation: {result['best']['point']}: val {result['best']['value']:.2f}%"
+        if summary.get("test_acc_at_best_val") is not None:
+            text += f", test at that epoch {summary['test_acc_at_best_val']:.2f}%"
+        print(text)
+    for failure in result["failed"]:
+        print(f"  failed: {failure['point']}: {failure['error']}")
+    if result["done"] < result["total"]:
+        codes = ", ".join(map(str, result["worker_exit_codes"])) or "?"
+        print(f"  {result['total'] - result['done']} run(s) unfinished: workers stopped (exit codes {codes}); "
+              "run the same command to continue", file=sys.stderr)
+        return 1
+    print(f"  tables and figures: kmnist report {result['out']}")
+    return 0 if not result["failed"] else 1
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kmnist.report import write_report
+
+    if args.out is None and len(args.dirs) != 1:
+        raise KmnistError("with several directories, say where the report goes: --out DIR")
+    out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
+    result = write_report(args.dirs, out, vs=args.vs)
+    print(result["markdown"])
+    print(f"{result['runs']} finished run(s) in {result['groups']} configuration(s)"
+          + (f", {result['incomplete']} unfinished" if result["incomplete"] else "") + f"; written to {result['out']}:")
+    print(f"  {result['html']}   <- open this: the table and every figure in one file")
+    for path in result["files"]:
+        if path != result["html"]:
+            print(f"  {path}")
+    print(f"  {result['curves']} learning-curve figure(s) in {Path(result['out']) / 'curves'}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from kmnist.models import list_models, model_defaults
 
@@ -442,6 +561,60 @@ def build_parser() -> Parser:
                        help="torch threads per request (default: 1; requests already run in parallel)")
     serve.add_argument("--access-log", action="store_true", help="log every request")
     serve.set_defaults(handler=cmd_serve)
+
+    sweep = commands.add_parser(
+        "sweep", help="run a grid or random/TPE search over config fields, several seeds per point; resumable",
+        description="Run the same training as `kmnist train` over many configurations: a grid (--grid), a "
+                    "random or TPE search (--random/--tpe, with --trials), or a bundled definition (--sweep). Each "
+                    "run is an ordinary run directory in OUT/trials/. Stopped at any moment, the same command "
+                    "continues it: finished runs are kept, a cut-off run resumes from its last epoch.",
+        epilog="Axes: NAME=V1,V2,... for a config field (batch_size=64,128), preset=report-row1,report-row2 for "
+               "whole presets, model_args.NAME=... for a model argument (model_args.patch=2,4,7,14); for "
+               "searches also NAME=LOW..HIGH or NAME=LOW..HIGH:log. Other training options fix a value for every "
+               "run. Several machines share one sweep through --storage postgresql://... and the same --study.")
+    add_data_options(sweep)
+    what = sweep.add_argument_group("what to sweep (give one)")
+    what.add_argument("--sweep", metavar="NAME|FILE",
+                      help="a bundled sweep (table41, patch-size) or a TOML definition file")
+    what.add_argument("--grid", nargs="+", metavar="AXIS", help="every combination of the listed values")
+    what.add_argument("--random", nargs="+", metavar="AXIS", help="random search (with --trials)")
+    what.add_argument("--tpe", nargs="+", metavar="AXIS", help="Optuna's TPE search (with --trials)")
+    what.add_argument("--trials", type=int, metavar="N", help="random/TPE: points to sample")
+    what.add_argument("--seeds", type=int, metavar="N",
+                      help="runs per point, seeds --seed, --seed+1, ... (default: 1, or the definition's)")
+    where = sweep.add_argument_group("where and how it runs")
+    where.add_argument("--out", metavar="DIR", help="sweep directory (default for --sweep NAME: sweeps/NAME)")
+    where.add_argument("--jobs", type=int, default=1, metavar="N",
+                       help="worker processes on this machine, each with --threads threads "
+                            "(default: 1; threads default to cores // N)")
+    where.add_argument("--oversubscribe", action="store_true",
+                       help="allow --jobs x --threads to exceed the CPU cores (slower per run; refused otherwise)")
+    where.add_argument("--storage", metavar="URL",
+                       help="Optuna RDB storage shared by all workers, e.g. postgresql://user:pw@host/db "
+                            "(default: SQLite in the sweep directory)")
+    where.add_argument("--study", metavar="NAME",
+                       help="study name in the storage (default: the sweep directory's name)")
+    where.add_argument("--heartbeat", type=int, default=30, metavar="SECONDS",
+                       help="workers record a heartbeat this often; a trial whose heartbeat is 4 intervals old "
+                            "is rerun (matters across machines; default: 30)")
+    where.add_argument("--retry-failed", action="store_true",
+                       help="run again the points whose run raised an error (e.g. diverged) before this command")
+    where.add_argument("--dry-run", action="store_true", help="list the runs and exit")
+    where.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished run only)")
+    add_config_options(sweep)
+    sweep.set_defaults(handler=cmd_sweep)
+
+    report = commands.add_parser(
+        "report", help="results table, learning curves and one HTML page from run and sweep directories",
+        description="From run and sweep directories: a results table like the report's Table 4.1 (mean ± std over "
+                    "seeds; Markdown and CSV), learning curves per run, an overlay of all runs, accuracy against the "
+                    "one numeric setting that varies, and report.html holding all of it.")
+    report.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, or folders holding them (sweeps)")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: DIR/report for one DIR)")
+    report.add_argument("--vs", metavar="SETTING",
+                        help="setting for the accuracy-versus figure, e.g. model_args.patch "
+                             "(default: the only numeric setting that varies)")
+    report.set_defaults(handler=cmd_report)
 
     models = commands.add_parser("models", help="list registered models and their arguments")
     models.set_defaults(handler=cmd_models)

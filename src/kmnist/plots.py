@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 _FONT_READY = False
 
@@ -115,4 +116,53 @@ def preprocessing_examples(befores: Sequence[np.ndarray], afters: Sequence[np.nd
     axes[0, 0].set_ylabel("as given")
     axes[1, 0].set_ylabel("model input (28x28)")
     figure.suptitle(title or "kmnist predict: preprocessing")
+    return _save(figure, path)
+
+
+def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
+    """Runs compared: validation accuracy, test accuracy and training loss per epoch, one line per configuration.
+
+    Each curve is {"label", "epoch": [...], metric: (means, stds)}; the band is ± one std over seeds.
+    """
+    panels = (("val_acc", "validation accuracy (%)"), ("test_acc", "test accuracy (%)"),
+              ("train_loss", "training loss (cross-entropy)"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
+    for curve in curves:
+        for axis, (metric, _) in zip(axes, panels):
+            means, stds = (np.asarray(values, dtype=np.float64) for values in curve[metric])
+            if np.all(np.isnan(means)):
+                continue
+            (line,) = axis.plot(curve["epoch"], means, marker="o", markersize=2.5, linewidth=1.3,
+                                label=curve["label"])
+            axis.fill_between(curve["epoch"], means - stds, means + stds, color=line.get_color(), alpha=0.15,
+                              linewidth=0)
+    for axis, (_, label) in zip(axes, panels):
+        axis.set(xlabel="epoch", title=label)
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    if not handles:
+        handles, labels = axes[-1].get_legend_handles_labels()
+    if handles:
+        figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8 if len(labels) > 8
+                      else 9, bbox_to_anchor=(0.5, -0.02 - 0.045 * math.ceil(len(labels) / 4)))
+    figure.suptitle(title or "runs compared (mean over seeds, band: ± one standard deviation)")
+    return _save(figure, path)
+
+
+def accuracy_versus(setting: str, values: Sequence[float], series: dict[str, tuple[Sequence[float], Sequence[float]]],
+                    path: Path, title: str = "", dashed: Sequence[str] = ()) -> Path:
+    """Accuracy (mean ± std over seeds) against one numeric setting, e.g. the patch size."""
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, (means, stds) in series.items():
+        axis.errorbar(values, means, yerr=stds, marker="o", capsize=4, linestyle="--" if name in dashed else "-",
+                      label=name)
+    positive = all(v > 0 for v in values)
+    if positive and max(values) / min(values) >= 8:
+        axis.set_xscale("log", base=2)
+    axis.set_xticks(list(values), [f"{v:g}" for v in values])
+    axis.minorticks_off()
+    axis.set(xlabel=setting, ylabel="accuracy (%)", title=title or f"accuracy against {setting}")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=9)
     return _save(figure, path)

@@ -43,6 +43,8 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
     config = prepare_run(config, run_dir, resume)
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir, check_md5=check_md5, progress=progress)
+    if config.threads:  # before environment(), so environment.json records the threads the run uses
+        torch.set_num_threads(config.threads)
     runs.write_json(run_dir / runs.ENVIRONMENT, environment())
     # A run cut off before its first epoch ended has no last.pt: it simply starts again.
     history = fit(config, dataset, run_dir, resume=resume and (run_dir / runs.LAST).is_file(),

@@ -1,0 +1,211 @@
+"""`kmnist report`: the results table (Markdown, CSV), learning-curve figures and one self-contained HTML page.
+
+Everything is built from saved run files (config.json, summary.json, metrics.csv, environment.json).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+from kmnist import plots, runs
+from kmnist.results import METRICS, TABLE_FIELDS, Results, collect, format_setting, group_curves, versus_field
+
+MARKDOWN = "results.md"
+CSV = "results.csv"
+HTML = "report.html"
+OVERLAY = "overlay.png"
+CURVES = "curves"
+
+NOTES = (
+    "Mean ± sample standard deviation over seeds (n − 1 in the denominator); *seeds* is the number of runs.",
+    "*Test acc at best val epoch*: the test accuracy of the epoch with the best validation accuracy — "
+    "the honest estimate, since the epoch is chosen without looking at the test set.",
+    "*Max test acc*: the highest test accuracy over all epochs — the epoch is chosen **on the test set**, as the "
+    "report measured it. It is optimistic and is shown only to compare with the report.",
+    "*Seconds*: training time per run (epochs only, evaluation excluded).",
+)
+
+
+def format_stat(stat: tuple[float, float | None], digits: int = 2) -> str:
+    mean, std = stat
+    if mean != mean:  # NaN: no value
+        return "–"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def table_columns(results: Results) -> list[str]:
+    extra = [name for name in results.varying if name not in TABLE_FIELDS]
+    columns = ["configuration", *extra, "batch size", "learning rate", "epochs", "seeds", "train acc (%)",
+               "test acc at best val epoch (%)", "max test acc (%, test-selected)"]
+    if any(group.reported_max_test_acc is not None for group in results.groups):
+        columns.append("report: max test acc (%)")
+    return [*columns, "seconds"]
+
+
+def table_rows(results: Results) -> list[dict[str, str]]:
+    """The table as strings, one dict per configuration, keyed by `table_columns`."""
+    columns = table_columns(results)
+    rows = []
+    for group in results.groups:
+        row = {"configuration": group.label, "batch size": format_setting(group.settings.get("batch_size")),
+               "learning rate": format_setting(group.settings.get("lr")),
+               "epochs": format_setting(group.settings.get("epochs")), "seeds": str(len(group.runs)),
+               "train acc (%)": format_stat(group.stats["final_train_acc"]),
+               "test acc at best val epoch (%)": format_stat(group.stats["test_acc_at_best_val"]),
+               "max test acc (%, test-selected)": format_stat(group.stats["max_test_acc"]),
+               "seconds": format_stat(group.stats["train_seconds"], digits=0)}
+        for name in results.varying:
+            if name not in TABLE_FIELDS:
+                row[name] = format_setting(group.settings.get(name))
+        if "report: max test acc (%)" in columns:
+            reported = group.reported_max_test_acc
+            row["report: max test acc (%)"] = "–" if reported is None else f"{reported:.2f}"
+        rows.append({column: row[column] for column in columns})
+    return rows
+
+
+def markdown(results: Results) -> str:
+    columns = table_columns(results)
+    escape = lambda text: text.replace("|", "\\|")  # noqa: E731
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(escape(row[c]) for c in columns) + " |" for row in table_rows(results)]
+    lines += ["", *(f"- {note}" for note in NOTES)]
+    if results.hardware:
+        lines.append(f"- Hardware: {'; '.join(results.hardware)}.")
+    if results.incomplete:
+        lines.append(f"- Not in the table ({len(results.incomplete)} run(s) without summary.json: cut off, running "
+                     f"or failed): {', '.join(run.name for run in results.incomplete)}.")
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(results: Results) -> str:
+    extra = [name for name in results.varying if name not in TABLE_FIELDS]
+    header = ["configuration", *extra, *TABLE_FIELDS, "seeds", "runs"]
+    for metric in METRICS:
+        header += [f"{metric}_mean", f"{metric}_std"]
+    header += ["reported_max_test_acc", "run_dirs"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for group in results.groups:
+        row: list[Any] = [group.label, *(group.settings.get(name) for name in [*extra, *TABLE_FIELDS])]
+        row += [" ".join(map(str, group.seeds)), len(group.runs)]
+        for metric in METRICS:
+            mean, std = group.stats[metric]
+            row += ["" if mean != mean else f"{mean:.4f}", "" if std is None else f"{std:.4f}"]
+        row += ["" if group.reported_max_test_acc is None else group.reported_max_test_acc,
+                ";".join(str(run.run_dir) for run in group.runs)]
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+def file_stem(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+
+
+def write_figures(results: Results, out: Path, vs: str | None) -> dict[str, Any]:
+    """Per-run learning curves, the overlay, and accuracy against the one varying numeric setting."""
+    figures: dict[str, Any] = {"curves": []}
+    for group in results.groups:
+        for run in group.runs:
+            path = plots.learning_curves(runs.read_metrics(run.run_dir), out / CURVES / f"{file_stem(run.name)}.png",
+                                         title=f"{run.name} ({run.config['model']} on {run.config['dataset']})")
+            figures["curves"].append((group.label, run.name, path))
+    if results.groups:
+        figures["overlay"] = plots.overlay_curves([group_curves(group) for group in results.groups], out / OVERLAY)
+    setting = versus_field(results, vs)
+    if setting is not None:
+        groups = sorted(results.groups, key=lambda group: group.settings[setting])
+        values = [group.settings[setting] for group in groups]
+        series = {}
+        for metric, name in (("best_val_acc", "validation accuracy (best epoch)"),
+                             ("test_acc_at_best_val", "test accuracy at best validation epoch"),
+                             ("max_test_acc", "max test accuracy (test-selected)")):
+            stats = [group.stats[metric] for group in groups]
+            if all(mean != mean for mean, _ in stats):
+                continue
+            series[name] = ([mean for mean, _ in stats], [std or 0.0 for _, std in stats])
+        path = out / f"accuracy_vs_{file_stem(setting)}.png"
+        figures["versus"] = plots.accuracy_versus(setting, values, series, path,
+                                                  dashed=("max test accuracy (test-selected)",))
+        figures["versus_setting"] = setting
+    return figures
+
+
+def data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def _inline_markdown(text: str) -> str:
+    text = html.escape(text)
+    text = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", text)
+    return re.sub(r"\*(.+?)\*", r"<em>\1</em>", text)
+
+
+def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str]) -> str:
+    """One file holding the table and every figure (PNG as data URIs): nothing to fetch, nothing beside it."""
+    columns = table_columns(results)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in columns) + "</tr>"
+                   for row in table_rows(results))
+    notes = "".join(f"<li>{_inline_markdown(note)}</li>" for note in NOTES)
+    if results.hardware:
+        notes += f"<li>Hardware: {html.escape('; '.join(results.hardware))}.</li>"
+    parts = [
+        "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'><title>kmnist results</title>",
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #bbb;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+        "th{background:#f0f0f0}img{max-width:100%}figure{margin:1em 0}figcaption{color:#555;font-size:90%}"
+        ".curves{display:grid;grid-template-columns:repeat(auto-fill,minmax(560px,1fr));gap:1em}</style></head><body>",
+        "<h1>kmnist results</h1>",
+        f"<p>{len([r for g in results.groups for r in g.runs])} finished run(s) in {len(results.groups)} "
+        f"configuration(s), from {html.escape(', '.join(sources))}.</p>",
+        "<h2>Results</h2>", f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+        f"<ul>{notes}</ul>",
+    ]
+    if results.incomplete:
+        names = ", ".join(html.escape(run.name) for run in results.incomplete)
+        parts.append(f"<p>Not in the table ({len(results.incomplete)} run(s) without summary.json: cut off, running "
+                     f"or failed): {names}.</p>")
+    if "versus" in figures:
+        setting = html.escape(figures["versus_setting"])
+        parts += [f"<h2>Accuracy against {setting}</h2>",
+                  f"<figure><img alt='accuracy against {setting}' src='{data_uri(figures['versus'])}'>"
+                  "<figcaption>Mean ± std over seeds. The dashed line is chosen on the test set."
+                  "</figcaption></figure>"]
+    if "overlay" in figures:
+        parts += ["<h2>Runs compared</h2>",
+                  f"<figure><img alt='runs compared' src='{data_uri(figures['overlay'])}'></figure>"]
+    if figures["curves"]:
+        parts.append("<h2>Learning curves per run</h2><div class='curves'>")
+        for label, name, path in figures["curves"]:
+            parts.append(f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'>"
+                         f"<figcaption>{html.escape(label)}: {html.escape(name)}</figcaption></figure>")
+        parts.append("</div>")
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None) -> dict[str, Any]:
+    """Build every report file in `out` from the run directories below `paths`; returns what was written."""
+    results = collect(paths)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    table = markdown(results)
+    runs.atomic_write_text(out / MARKDOWN, table)
+    runs.atomic_write_text(out / CSV, csv_text(results))
+    figures = write_figures(results, out, vs)
+    runs.atomic_write_text(out / HTML, html_page(results, figures, [str(p) for p in paths]))
+    written = [out / MARKDOWN, out / CSV, out / HTML]
+    written += [figures[name] for name in ("overlay", "versus") if name in figures]
+    return {"out": str(out), "markdown": table, "html": str(out / HTML), "files": [str(p) for p in written],
+            "curves": len(figures["curves"]), "groups": len(results.groups),
+            "runs": sum(len(group.runs) for group in results.groups), "incomplete": len(results.incomplete),
+            "versus": figures.get("versus_setting")}
+

@@ -1,0 +1,209 @@
+"""Results of many runs, read from their saved files: grouped by configuration (seed aside), mean ± std over seeds."""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from kmnist import runs
+from kmnist.config import PLACEMENT_FIELDS, PRESETS, resolve_config
+from kmnist.errors import KmnistError
+
+IGNORED_FIELDS = ("seed", *PLACEMENT_FIELDS)  # runs that differ only in these are repeats of one configuration
+TABLE_FIELDS = ("batch_size", "lr", "epochs")  # the configuration columns of the report's Table 4.1
+METRICS = ("final_train_acc", "test_acc_at_best_val", "max_test_acc", "best_val_acc", "train_seconds")
+CURVE_METRICS = ("train_acc", "val_acc", "test_acc", "train_loss", "val_loss", "test_loss")
+# The report's Table 4.1 and final model: maximum test accuracy over epochs (%), chosen on the test set.
+REPORTED_MAX_TEST_ACC = {"report-row1": 89.32, "report-row2": 91.23, "report-row3": 92.78, "report-final": 93.13}
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    name: str
+    config: dict[str, Any]
+    summary: dict[str, Any] | None  # None until the run has finished
+    environment: dict[str, Any] | None
+
+    @property
+    def complete(self) -> bool:
+        return self.summary is not None
+
+
+@dataclass
+class Group:
+    """Runs of one configuration (differing only in seed and placement)."""
+
+    settings: dict[str, Any]  # the flattened configuration, seed and placement aside
+    runs: list[Run]
+    label: str = ""
+    preset: str | None = None  # the preset whose configuration this is, if any
+    stats: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # metric -> (mean, std)
+
+    @property
+    def seeds(self) -> list[int]:
+        return sorted(run.config.get("seed", 0) for run in self.runs)
+
+    @property
+    def reported_max_test_acc(self) -> float | None:
+        return REPORTED_MAX_TEST_ACC.get(self.preset) if self.preset else None
+
+
+@dataclass
+class Results:
+    groups: list[Group]
+    incomplete: list[Run]  # run directories without summary.json (cut off, still running, or failed)
+    varying: list[str]  # settings that differ between groups
+    hardware: list[str]
+
+
+def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
+    """Run directories named directly, or found (by their config.json) anywhere below the given folders."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            raise KmnistError(f"no such directory: {path}")
+        if (path / runs.CONFIG).is_file():
+            found.append(path)
+            continue
+        below = sorted(config.parent for config in path.rglob(runs.CONFIG))
+        if not below:
+            raise KmnistError(f"{path} holds no run directories (no {runs.CONFIG} below it)")
+        found.extend(below)
+    unique: dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)
+    return list(unique.values())
+
+
+def _read_optional(path: Path) -> dict[str, Any] | None:
+    return runs.read_json(path) if path.is_file() else None
+
+
+def read_runs(paths: Iterable[str | Path]) -> list[Run]:
+    dirs = find_run_dirs(paths)
+    names = [d.name for d in dirs]
+    if len(set(names)) < len(names):  # two sweeps hold runs of the same name: name them by their path
+        common = Path(os.path.commonpath([d.resolve() for d in dirs]))
+        names = [str(d.resolve().relative_to(common)) for d in dirs]
+    result = []
+    for run_dir, name in zip(dirs, names):
+        result.append(Run(run_dir, name, runs.read_json(run_dir / runs.CONFIG),
+                          _read_optional(run_dir / runs.SUMMARY), _read_optional(run_dir / runs.ENVIRONMENT)))
+    return result
+
+
+def settings_of(config: dict[str, Any]) -> dict[str, Any]:
+    """A config flattened (model_args.NAME), model arguments completed with the model's defaults, seed aside.
+
+    So `{}` and `{"patch": 4}` are the same setting when 4 is the model's default.
+    """
+    from kmnist.models import resolve_model_args
+
+    model_args = dict(config.get("model_args") or {})
+    try:
+        model_args = resolve_model_args(config["model"], model_args)
+    except (KmnistError, KeyError):  # a model this version does not know: keep the saved arguments
+        pass
+    flat = {name: value for name, value in config.items() if name not in IGNORED_FIELDS and name != "model_args"}
+    flat.update({f"model_args.{name}": value for name, value in sorted(model_args.items())})
+    return flat
+
+
+def preset_settings() -> dict[str, dict[str, Any]]:
+    return {name: settings_of(resolve_config(preset=name).to_dict()) for name in PRESETS}
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (n - 1); no std for a single value."""
+    values = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return float("nan"), None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return (0, value)
+    return (1, str(value))
+
+
+def format_setting(value: Any) -> str:
+    if isinstance(value, float):
+        return format(value, ".6g")
+    return str(value)
+
+
+def group_runs(all_runs: list[Run]) -> tuple[list[Group], list[str]]:
+    """Complete runs grouped by configuration; also the settings that vary between groups."""
+    groups: dict[str, Group] = {}
+    for run in all_runs:
+        if not run.complete:
+            continue
+        settings = settings_of(run.config)
+        key = repr(sorted(settings.items(), key=lambda item: item[0]))
+        groups.setdefault(key, Group(settings, [])).runs.append(run)
+    ordered = list(groups.values())
+    names = sorted({name for group in ordered for name in group.settings})
+    varying = [name for name in names if len({repr(group.settings.get(name)) for group in ordered}) > 1]
+    presets = preset_settings()
+    for group in ordered:
+        group.runs.sort(key=lambda run: (run.config.get("seed", 0), run.name))
+        group.preset = next((name for name, settings in presets.items() if settings == group.settings), None)
+        group.stats = {metric: mean_std([run.summary.get(metric) for run in group.runs]) for metric in METRICS}
+    by_preset = all(group.preset for group in ordered) and len(ordered) > 1
+    for group in ordered:
+        if by_preset:
+            group.label = group.preset
+        elif varying:
+            group.label = " ".join(f"{name}={format_setting(group.settings.get(name))}" for name in varying)
+        else:
+            group.label = group.preset or (group.runs[0].name if len(group.runs) == 1 else group.settings["model"])
+    preset_rank = {name: rank for rank, name in enumerate(REPORTED_MAX_TEST_ACC)}
+    ordered.sort(key=lambda group: (preset_rank.get(group.preset, len(preset_rank)) if by_preset else 0,
+                                    [_sortable(group.settings.get(name)) for name in varying]))
+    return ordered, varying
+
+
+def collect(paths: Iterable[str | Path]) -> Results:
+    """Every run below `paths`, grouped, with the hardware they ran on."""
+    from kmnist.runinfo import hardware_summary
+
+    all_runs = read_runs(paths)
+    groups, varying = group_runs(all_runs)
+    hardware = sorted({hardware_summary(run.environment) for run in all_runs if run.complete and run.environment})
+    return Results(groups, [run for run in all_runs if not run.complete], varying, hardware)
+
+
+def group_curves(group: Group) -> dict[str, Any]:
+    """Per-epoch mean and std over the group's runs, over the epochs every run has."""
+    histories = [runs.read_metrics(run.run_dir) for run in group.runs]
+    epochs = sorted(set.intersection(*(set(row["epoch"] for row in history) for history in histories)))
+    curves: dict[str, Any] = {"label": group.label, "epoch": epochs}
+    for metric in CURVE_METRICS:
+        by_epoch = [{row["epoch"]: row[metric] for row in history} for history in histories]
+        stats = [mean_std([values[epoch] for values in by_epoch]) for epoch in epochs]
+        curves[metric] = ([mean for mean, _ in stats], [std or 0.0 for _, std in stats])
+    return curves
+
+
+def numeric(values: Iterable[Any]) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
+def versus_field(results: Results, requested: str | None = None) -> str | None:
+    """The setting for an accuracy-versus figure: the one requested, or the only numeric setting that varies."""
+    if requested is not None:
+        if requested not in results.varying:
+            raise KmnistError(f"--vs {requested}: not a setting that varies between these runs "
+                              f"(varying: {', '.join(results.varying) or 'none'})")
+        if not numeric(group.settings.get(requested) for group in results.groups):
+            raise KmnistError(f"--vs {requested}: its values are not numbers")
+        return requested
+    if len(results.varying) == 1 and numeric(group.settings.get(results.varying[0]) for group in results.groups):
+        return results.varying[0]
+    return None

@@ -1,0 +1,113 @@
+"""`kmnist report` on hand-made run directories: grouping by configuration, mean ± std over seeds, the files."""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+import pytest
+
+from kmnist import runs
+from kmnist.cli import main
+from kmnist.config import resolve_config
+from kmnist.errors import KmnistError
+from kmnist.report import markdown, write_report
+from kmnist.results import collect, mean_std, versus_field
+
+
+def make_run(folder: Path, preset: str | None = None, complete: bool = True, test_at_val: float = 90.0,
+             max_test: float = 91.0, train_acc: float = 95.0, seconds: float = 10.0, epochs: int = 3,
+             **overrides) -> Path:
+    config = resolve_config(preset=preset, overrides=overrides)
+    runs.write_json(folder / runs.CONFIG, config.to_dict())
+    history = [{"epoch": e, "train_loss": 1.0 / e, "train_acc": train_acc - epochs + e, "val_loss": 1.0 / e,
+                "val_acc": 80.0 + e, "test_loss": 1.0 / e, "test_acc": max_test - epochs + e, "lr": config.lr,
+                "epoch_seconds": seconds / epochs, "eval_seconds": 0.1} for e in range(1, epochs + 1)]
+    runs.write_metrics(folder, history)
+    if complete:
+        summary = runs.summarize(history)
+        summary.update(test_acc_at_best_val=test_at_val, max_test_acc=max_test, final_train_acc=train_acc,
+                       train_seconds=seconds)
+        runs.write_json(folder / runs.SUMMARY, summary)
+        runs.write_json(folder / runs.ENVIRONMENT, {"cpu": "Test CPU", "torch_threads": 2, "gpus": []})
+    return folder
+
+
+def test_mean_std() -> None:
+    assert mean_std([90.0, 91.0, 92.0]) == (91.0, 1.0)
+    assert mean_std([93.5]) == (93.5, None)
+    mean, std = mean_std([])
+    assert mean != mean and std is None
+
+
+def test_groups_by_configuration_seed_aside(tmp_path: Path) -> None:
+    for seed, (honest, top) in enumerate([(90.0, 92.0), (91.0, 93.0), (92.0, 94.0)]):
+        # threads differ between seeds: placement, not a different configuration
+        make_run(tmp_path / f"a{seed}", lr=0.01, seed=seed, threads=seed + 1, test_at_val=honest, max_test=top,
+                 seconds=100.0 + seed)
+    make_run(tmp_path / "b0", lr=0.001, test_at_val=95.0, max_test=95.5)
+    make_run(tmp_path / "cut", lr=0.001, seed=1, complete=False)
+    results = collect([tmp_path])
+    assert results.varying == ["lr"]
+    assert [group.label for group in results.groups] == ["lr=0.001", "lr=0.01"]
+    small, large = results.groups
+    assert len(large.runs) == 3 and large.seeds == [0, 1, 2] and large.stats["test_acc_at_best_val"] == (91.0, 1.0)
+    assert large.stats["max_test_acc"] == (93.0, 1.0) and large.stats["train_seconds"] == (101.0, 1.0)
+    assert small.stats["test_acc_at_best_val"] == (95.0, None)
+    assert [run.name for run in results.incomplete] == ["cut"]
+    assert versus_field(results) == "lr"
+    table = markdown(results)
+    assert "| lr=0.01 | 128 | 0.01 | 20 | 3 | 95.00 ± 0.00 | 91.00 ± 1.00 | 93.00 ± 1.00 | – | 101 ± 1 |" in table
+    # lr=0.001 with every other field at its default is report-final: the report's number stands beside it
+    assert "| lr=0.001 | 128 | 0.001 | 20 | 1 | 95.00 | 95.00 | 95.50 | 93.13 | 10 |" in table
+    assert "test-selected" in table and "cut" in table and "Test CPU, 2 threads" in table
+
+
+def test_presets_are_named_and_compared_with_the_report(tmp_path: Path) -> None:
+    make_run(tmp_path / "row1", preset="report-row1")
+    make_run(tmp_path / "final", preset="report-final")
+    make_run(tmp_path / "final-patch4", preset="report-final", seed=1, model_args={"patch": 4})  # the default
+    results = collect([tmp_path])
+    assert [group.label for group in results.groups] == ["report-row1", "report-final"]
+    assert [len(group.runs) for group in results.groups] == [1, 2]
+    assert [group.reported_max_test_acc for group in results.groups] == [89.32, 93.13]
+    assert versus_field(results) is None  # batch size, lr and epochs all vary
+    assert "report: max test acc (%)" in markdown(results) and "| 89.32 |" in markdown(results)
+
+
+def test_report_files_and_accuracy_against_patch(tmp_path: Path, capsys) -> None:
+    for patch, honest in ((2, 88.0), (7, 92.0), (14, 85.0)):
+        for seed in (0, 1):
+            make_run(tmp_path / "sweep" / "trials" / f"model_args.patch={patch},seed={seed}", preset="report-final",
+                     seed=seed, model_args={"patch": patch}, test_at_val=honest + seed)
+    assert main(["report", str(tmp_path / "sweep")]) == 0
+    out = tmp_path / "sweep" / "report"
+    stdout = capsys.readouterr().out
+    assert "| model_args.patch=7 | 7 | 128 | 0.001 | 20 | 2 |" in stdout
+    for name in ("results.md", "results.csv", "report.html", "overlay.png", "accuracy_vs_model_args.patch.png"):
+        assert (out / name).is_file(), name
+    assert len(list((out / "curves").glob("*.png"))) == 6
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [row["model_args.patch"] for row in rows] == ["2", "7", "14"]
+    assert [row["test_acc_at_best_val_mean"] for row in rows] == ["88.5000", "92.5000", "85.5000"]
+    assert rows[0]["test_acc_at_best_val_std"] == "0.7071" and rows[0]["seeds"] == "0 1"
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 + 6
+    assert not re.findall(r"""(?:src|href)=['"](?!data:)""", page)
+
+
+def test_report_errors(tmp_path: Path, capsys) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KmnistError, match="holds no run directories"):
+        collect([tmp_path / "empty"])
+    make_run(tmp_path / "runs" / "a", lr=0.01)
+    make_run(tmp_path / "runs" / "b", lr=0.02)
+    with pytest.raises(KmnistError, match="--vs batch_size: not a setting that varies"):
+        write_report([tmp_path / "runs"], tmp_path / "out", vs="batch_size")
+    assert main(["report", str(tmp_path / "runs"), str(tmp_path / "nowhere")]) == 2
+    assert "--out DIR" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no such directory" in err[0]
