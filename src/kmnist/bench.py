@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from typing import Any
@@ -13,6 +14,7 @@ from torch.utils.data import Dataset as TorchDataset
 
 from kmnist.config import TrainConfig
 from kmnist.data import Dataset, Split
+from kmnist.metrics import uses_bf16
 from kmnist.train import Trainer, _sync
 
 
@@ -44,20 +46,28 @@ def per_sample_loader(trainer: Trainer, epoch: int) -> DataLoader:
 
 
 def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_batches: int | None = None,
-                   pipelines: tuple[str, ...] = ("tensor", "per-sample")) -> dict[str, Any]:
+                   pipelines: tuple[str, ...] = ("tensor", "per-sample"),
+                   baseline_precision: str = "fp32") -> dict[str, Any]:
     """Seconds per training epoch of each pipeline, interleaved so machine noise hits both alike.
 
-    Both pipelines drive the same Trainer (same model, optimiser and step code). With max_batches,
-    epochs are cut short and the time is scaled to a whole epoch.
+    "tensor" is kmnist's loop with the config as given; "per-sample" is a torchvision-style pipeline
+    (a Dataset returning one normalised tensor per index, through a DataLoader) feeding the same
+    model, optimiser and training step, in `baseline_precision` (fp32: such pipelines do not
+    autocast). With max_batches, epochs are cut short and the time is scaled to a whole epoch.
     """
-    trainer = Trainer(config, dataset)
-    full = trainer.steps_per_epoch
+    trainers = {"tensor": Trainer(config, dataset)}
+    if "per-sample" in pipelines:
+        baseline = dataclasses.replace(config, precision=baseline_precision)
+        trainers["per-sample"] = Trainer(baseline, dataset)
+    full = trainers["tensor"].steps_per_epoch
     steps = min(full, max_batches) if max_batches else full
-    trainer.steps_per_epoch = steps
     times: dict[str, list[float]] = {name: [] for name in pipelines}
-    trainer.train_epoch(0, progress=False, batches=_take(trainer.batches(0), min(steps, 20)))  # warm-up
+    for trainer in trainers.values():
+        trainer.steps_per_epoch = steps
+        trainer.train_epoch(0, progress=False, batches=_take(trainer.batches(0), min(steps, 20)))  # warm-up
     for repeat in range(repeats):
         for name in pipelines:
+            trainer = trainers[name]
             source = trainer.batches(repeat + 1) if name == "tensor" else iter(per_sample_loader(trainer, repeat + 1))
             _sync(trainer.device)
             started = time.perf_counter()
@@ -66,9 +76,11 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
             times[name].append((time.perf_counter() - started) * full / steps)
     medians = {name: statistics.median(values) for name, values in times.items()}
     result: dict[str, Any] = {"epoch_seconds": times, "median_epoch_seconds": medians, "repeats": repeats,
-                              "batches_timed_per_epoch": steps, "batches_per_epoch": full}
-    if "tensor" in medians and "per-sample" in medians:
+                              "batches_timed_per_epoch": steps, "batches_per_epoch": full,
+                              "bf16": uses_bf16(trainers["tensor"].device, config.precision)}
+    if "per-sample" in medians:
         result["speedup"] = medians["per-sample"] / medians["tensor"]
+        result["baseline_precision"] = baseline_precision
     return result
 
 
@@ -99,12 +111,12 @@ def time_inference(model: torch.nn.Module, images: torch.Tensor, mean: float, st
 
 
 def run_benchmark(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_batches: int | None = None,
-                  compare: bool = True) -> dict[str, Any]:
+                  compare: bool = True, baseline_precision: str = "fp32") -> dict[str, Any]:
     """Training epoch (ours and, with compare, the per-sample pipeline), evaluation and inference speed."""
     from kmnist.metrics import predict_logits
 
     pipelines = ("tensor", "per-sample") if compare else ("tensor",)
-    result = time_pipelines(config, dataset, repeats, max_batches, pipelines)
+    result = time_pipelines(config, dataset, repeats, max_batches, pipelines, baseline_precision)
     trainer = Trainer(config, dataset)
     model, stats = trainer.eval_model, trainer.normalization
     evaluation = []

@@ -230,7 +230,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     name = args.preset or config.model
     print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "
           f"{args.repeats} run(s) of each measurement", flush=True)
-    result = bench.run_benchmark(config, dataset, args.repeats, args.max_batches, compare=not args.no_compare)
+    result = bench.run_benchmark(config, dataset, args.repeats, args.max_batches, compare=not args.no_compare,
+                                 baseline_precision=args.baseline_precision)
     env = environment()
     result.update(name=name, config=config.to_dict(), precision=config.precision, hardware=hardware_summary(env),
                   environment=env, git_revision=env["git_revision"], date=time.strftime("%Y-%m-%d"))
@@ -242,9 +243,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["recipe"] = train_run(config, run_dir, data_dir_from_args(args), progress=show_progress(args),
                                      check_md5=not args.skip_md5)
     medians = result["median_epoch_seconds"]
-    rows = [("train epoch (in-memory tensors)", f"{medians['tensor']:.2f} s")]
+    rows = [(f"train epoch (in-memory tensors, {'bf16' if result['bf16'] else 'fp32'})", f"{medians['tensor']:.2f} s")]
     if "per-sample" in medians:
-        rows += [("train epoch (per-sample DataLoader)", f"{medians['per-sample']:.2f} s"),
+        rows += [(f"train epoch (per-sample DataLoader, {result['baseline_precision']})", f"{medians['per-sample']:.2f} s"),
                  ("speed-up", f"{result['speedup']:.2f}x")]
     rows += [("training images/s", f"{result['train_images_per_second']:.0f}"),
              (f"evaluation pass ({result['eval_images']} images)", f"{result['eval_seconds']:.3f} s"),
@@ -503,6 +504,8 @@ def build_parser() -> Parser:
     bench.add_argument("--max-batches", type=int, default=None, metavar="N",
                        help="time N batches per epoch and scale to a whole epoch (default: whole epochs)")
     bench.add_argument("--no-compare", action="store_true", help="skip the per-sample pipeline")
+    bench.add_argument("--baseline-precision", choices=("fp32", "bf16"), default="fp32",
+                       help="precision of the per-sample pipeline (default: fp32, as torchvision-style code runs)")
     bench.add_argument("--full", action="store_true", help="also train the whole recipe and report its time and accuracy")
     bench.add_argument("--out", metavar="DIR", help="run directory for --full")
     bench.add_argument("--json", metavar="FILE", help="write all results, with the hardware, as JSON")
