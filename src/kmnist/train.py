@@ -178,7 +178,7 @@ class Trainer:
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                   disable=not progress, unit="batch", dynamic_ncols=True)
+                   disable=None if progress else True, unit="batch", dynamic_ncols=True)
         mixing = config.mixup > 0 or config.cutmix > 0
         mix_generator = self.generator(epoch, 2)
         for step, (images, labels) in enumerate(self.batches(epoch) if batches is None else batches):
