@@ -32,10 +32,20 @@ def write_npz(path: Path, array: np.ndarray) -> None:
     np.savez_compressed(path, arr_0=array)
 
 
-def synthetic_arrays(count: int, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Images whose class is easy to learn: a bright bar whose position and angle depend on the class."""
+def synthetic_arrays(count: int, num_classes: int, seed: int,
+                     imbalanced: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Images whose class is easy to learn: a bright bar whose position and angle depend on the class.
+
+    With `imbalanced`, class c is drawn about (c + 1)-fold less often than class 0 (as K49 ranges from
+    about 6,000 to a few hundred images per class), every class at least twice.
+    """
     rng = np.random.default_rng(seed)
-    labels = np.arange(count) % num_classes
+    if imbalanced:
+        weights = 1 / np.arange(1, num_classes + 1)
+        extra = rng.choice(num_classes, size=count - 2 * num_classes, p=weights / weights.sum())
+        labels = np.concatenate([np.repeat(np.arange(num_classes), 2), extra])
+    else:
+        labels = np.arange(count) % num_classes
     rng.shuffle(labels)
     images = rng.integers(0, 40, size=(count, 28, 28)).astype(np.float64)
     for index, label in enumerate(labels):
@@ -48,13 +58,13 @@ def synthetic_arrays(count: int, num_classes: int, seed: int) -> tuple[np.ndarra
 
 
 def write_dataset(folder: Path, name: str = "kmnist", fmt: str = "idx", train_count: int = 600,
-                  test_count: int = 200, seed: int = 0) -> Path:
+                  test_count: int = 200, seed: int = 0, imbalanced: bool = False) -> Path:
     """Write a dataset's official file names and formats (content synthetic) into folder/<name>/."""
     spec = DATASETS[name]
     target = folder / name
     target.mkdir(parents=True, exist_ok=True)
-    train_images, train_labels = synthetic_arrays(train_count, spec.num_classes, seed)
-    test_images, test_labels = synthetic_arrays(test_count, spec.num_classes, seed + 1)
+    train_images, train_labels = synthetic_arrays(train_count, spec.num_classes, seed, imbalanced)
+    test_images, test_labels = synthetic_arrays(test_count, spec.num_classes, seed + 1, imbalanced)
     files = spec.formats[fmt]
     writer = write_idx if fmt == "idx" else write_npz
     for remote, array in zip(files, (train_images, train_labels, test_images, test_labels)):

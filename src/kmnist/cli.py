@@ -16,6 +16,9 @@ from kmnist.errors import KmnistError
 
 EPOCH_COLUMNS = (("epoch", "{:>5}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"), ("val_loss", "{:>8.4f}"),
                  ("val_acc", "{:>7.2f}"), ("test_acc", "{:>8.2f}"), ("lr", "{:>8.1e}"), ("epoch_seconds", "{:>7.1f}"))
+# For an imbalanced dataset (K49) the balanced accuracies stand beside the accuracies.
+BALANCED_EPOCH_COLUMNS = (EPOCH_COLUMNS[:5] + (("val_bal_acc", "{:>11.2f}"),) + EPOCH_COLUMNS[5:6]
+                          + (("test_bal_acc", "{:>12.2f}"),) + EPOCH_COLUMNS[6:])
 
 
 class Parser(argparse.ArgumentParser):
@@ -119,12 +122,12 @@ def cmd_download(args: argparse.Namespace) -> int:
     return 0
 
 
-def format_row(row: dict[str, Any]) -> str:
-    return " ".join(fmt.format(row[name]) for name, fmt in EPOCH_COLUMNS)
+def format_row(row: dict[str, Any], columns: tuple = EPOCH_COLUMNS) -> str:
+    return " ".join(fmt.format(row[name]) for name, fmt in columns)
 
 
-def format_header() -> str:
-    return " ".join(f"{name.replace('_seconds', '_s'):>{len(fmt.format(0))}}" for name, fmt in EPOCH_COLUMNS)
+def format_header(columns: tuple = EPOCH_COLUMNS) -> str:
+    return " ".join(f"{name.replace('_seconds', '_s'):>{len(fmt.format(0))}}" for name, fmt in columns)
 
 
 def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
@@ -135,7 +138,13 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"  final test accuracy          {pct(summary['final_test_acc'])}")
     print(f"  final training loss          {summary['final_train_loss']:.4f}")
     print(f"  final training accuracy      {pct(summary['final_train_acc'])}")
-    if summary["best_epoch"] is not None:
+    if summary.get("selected_on") == "val_bal_acc":  # imbalanced dataset: chosen and scored on balanced accuracy
+        print(f"  final test balanced accuracy {pct(summary['final_test_bal_acc'])}")
+        print(f"  best validation balanced acc {pct(summary['best_val_bal_acc'])} (epoch {summary['best_epoch']}; "
+              f"accuracy {pct(summary['best_val_acc'])})")
+        print(f"  test balanced acc that epoch {pct(summary['test_bal_acc_at_best_val'])}   <- the honest estimate "
+              f"(accuracy {pct(summary['test_acc_at_best_val'])})")
+    elif summary["best_epoch"] is not None:
         print(f"  best validation accuracy     {pct(summary['best_val_acc'])} (epoch {summary['best_epoch']})")
         print(f"  test accuracy at that epoch  {pct(summary['test_acc_at_best_val'])}   <- the honest estimate")
     print(f"  maximum test accuracy        {pct(summary['max_test_acc'])} (epoch {summary['max_test_epoch']}; "
@@ -166,6 +175,7 @@ def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from kmnist.data import get_spec
     from kmnist.runner import train_run
 
     config = config_from_args(args)
@@ -180,13 +190,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "
           f"run directory {run_dir}", flush=True)
     header_printed = False
+    columns = BALANCED_EPOCH_COLUMNS if get_spec(config.dataset).balanced else EPOCH_COLUMNS
 
     def on_epoch(row: dict[str, Any]) -> None:
         nonlocal header_printed
         if not header_printed:
-            tqdm.write(format_header())
+            tqdm.write(format_header(columns))
             header_printed = True
-        tqdm.write(format_row(row))
+        tqdm.write(format_row(row, columns))
 
     try:
         summary = train_run(config, run_dir, data_dir, resume=bool(args.resume), progress=progress,
@@ -351,7 +362,11 @@ def format_trial(event: dict[str, Any]) -> str:
         return f"{where}: FAILED: {event['error']}"
     summary = event["summary"] or {}
     text = f"{where}: "
-    if summary.get("best_epoch") is not None:
+    if summary.get("selected_on") == "val_bal_acc":
+        text += (f"val balanced {summary['best_val_bal_acc']:.2f}% (epoch {summary['best_epoch']}), "
+                 f"test at that epoch {summary['test_acc_at_best_val']:.2f}% "
+                 f"(balanced {summary['test_bal_acc_at_best_val']:.2f}%), ")
+    elif summary.get("best_epoch") is not None:
         text += (f"val {summary['best_val_acc']:.2f}% (epoch {summary['best_epoch']}), "
                  f"test at that epoch {summary['test_acc_at_best_val']:.2f}%, ")
     text += f"max test {summary.get('max_test_acc', float('nan')):.2f}% (test-selected), "
@@ -412,6 +427,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         text = f"  best by validation: {result['best']['point']}: val {result['best']['value']:.2f}%"
         if summary.get("test_acc_at_best_val") is not None:
             text += f", test at that epoch {summary['test_acc_at_best_val']:.2f}%"
+        if summary.get("selected_on") == "val_bal_acc":
+            text += f" (balanced {summary['test_bal_acc_at_best_val']:.2f}%)"
         print(text)
     for failure in result["failed"]:
         print(f"  failed: {failure['point']}: {failure['error']}")

@@ -44,6 +44,9 @@ class DatasetSpec:
     # format -> (train images, train labels, test images, test labels)
     formats: dict[str, tuple[RemoteFile, RemoteFile, RemoteFile, RemoteFile]]
     download_format: str  # the format fetched when none is present
+    # Imbalanced classes: scored by balanced accuracy (mean of per-class accuracies), and the epoch
+    # and model are chosen on validation balanced accuracy.
+    balanced: bool = False
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -86,6 +89,7 @@ DATASETS: dict[str, DatasetSpec] = {
             ),
         },
         download_format="npz",
+        balanced=True,
     ),
 }
 
@@ -112,6 +116,11 @@ class Dataset:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+def selection_metric(name: str) -> str:
+    """The validation column that chooses a run's best epoch: balanced accuracy for imbalanced datasets."""
+    return "val_bal_acc" if get_spec(name).balanced else "val_acc"
 
 
 def get_spec(name: str) -> DatasetSpec:

@@ -36,8 +36,11 @@ def _save(figure: plt.Figure, path: Path) -> Path:
     return path
 
 
-def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Accuracy and loss per epoch for train, validation and test, side by side (the report's Fig 4.x)."""
+def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "", balanced: bool = False) -> Path:
+    """Accuracy and loss per epoch for train, validation and test, side by side (the report's Fig 4.x).
+
+    With `balanced` (imbalanced datasets such as K49), validation and test balanced accuracy are drawn too.
+    """
     epochs = [row["epoch"] for row in history]
     figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
@@ -45,8 +48,12 @@ def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = 
         losses = [row[f"{split}_loss"] for row in history]
         if all(math.isnan(v) for v in accs):
             continue
-        acc_axis.plot(epochs, accs, style, marker="o", markersize=3, label=split)
+        lines = acc_axis.plot(epochs, accs, style, marker="o", markersize=3, label=split)
         loss_axis.plot(epochs, losses, style, marker="o", markersize=3, label=split)
+        balanced_accs = [row.get(f"{split}_bal_acc", math.nan) for row in history]
+        if balanced and not all(math.isnan(v) for v in balanced_accs):
+            acc_axis.plot(epochs, balanced_accs, style, marker="s", markersize=3, alpha=0.6,
+                          color=lines[0].get_color(), label=f"{split} (balanced)")
     acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     for axis in (acc_axis, loss_axis):

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kmnist import plots, runs
+from kmnist.data import DATASETS
 from kmnist.results import METRICS, TABLE_FIELDS, Results, collect, format_setting, group_curves, versus_field
 
 MARKDOWN = "results.md"
@@ -29,7 +30,14 @@ NOTES = (
     "*Max test acc*: the highest test accuracy over all epochs — the epoch is chosen **on the test set**, as the "
     "report measured it. It is optimistic and is shown only to compare with the report.",
     "*Seconds*: training time per run (epochs only, evaluation excluded).",
+    "*Test balanced acc* (imbalanced datasets such as K49): mean of the per-class test accuracies of the epoch "
+    "with the best validation balanced accuracy, the dataset's official score; accuracy columns stand beside it.",
 )
+BALANCED_COLUMN = "test balanced acc at best val epoch (%)"
+
+
+def is_balanced(dataset: str) -> bool:
+    return dataset in DATASETS and DATASETS[dataset].balanced
 
 
 def format_stat(stat: tuple[float, float | None], digits: int = 2) -> str:
@@ -43,6 +51,8 @@ def table_columns(results: Results) -> list[str]:
     extra = [name for name in results.varying if name not in TABLE_FIELDS]
     columns = ["configuration", *extra, "batch size", "learning rate", "epochs", "seeds", "train acc (%)",
                "test acc at best val epoch (%)", "max test acc (%, test-selected)"]
+    if any(is_balanced(group.settings.get("dataset", "kmnist")) for group in results.groups):
+        columns.insert(columns.index("max test acc (%, test-selected)"), BALANCED_COLUMN)
     if any(group.reported_max_test_acc is not None for group in results.groups):
         columns.append("report: max test acc (%)")
     return [*columns, "seconds"]
@@ -59,6 +69,7 @@ def table_rows(results: Results) -> list[dict[str, str]]:
                "train acc (%)": format_stat(group.stats["final_train_acc"]),
                "test acc at best val epoch (%)": format_stat(group.stats["test_acc_at_best_val"]),
                "max test acc (%, test-selected)": format_stat(group.stats["max_test_acc"]),
+               BALANCED_COLUMN: format_stat(group.stats["test_bal_acc_at_best_val"]),
                "seconds": format_stat(group.stats["train_seconds"], digits=0)}
         for name in results.varying:
             if name not in TABLE_FIELDS:

@@ -12,7 +12,7 @@ import torch
 from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict
-from kmnist.data import Dataset, load_dataset
+from kmnist.data import Dataset, get_spec, load_dataset, selection_metric
 from kmnist.errors import KmnistError
 from kmnist.metrics import confusion_matrix, predict_logits
 from kmnist.models import create_model
@@ -61,7 +61,7 @@ def finish_run(run_dir: Path, dataset: Dataset, history: list[dict[str, Any]], d
     probabilities = torch.softmax(logits, dim=1).cpu().numpy()
     np.savez_compressed(run_dir / runs.PREDICTIONS, probabilities=probabilities.astype(np.float16),
                         labels=dataset.test.labels.numpy().astype(np.int16))
-    summary = runs.summarize(history)
+    summary = runs.summarize(history, select_on=selection_metric(dataset.name))
     summary["best_checkpoint_epoch"] = payload["epoch"]
     runs.write_json(run_dir / runs.SUMMARY, summary)
     write_run_figures(run_dir, dataset)
@@ -74,7 +74,8 @@ def write_run_figures(run_dir: Path, dataset: Dataset) -> None:
     config = runs.read_json(run_dir / runs.CONFIG)
     history = runs.read_metrics(run_dir)
     plots.learning_curves(history, run_dir / "learning_curves.png",
-                          title=f"{config['model']} on {config['dataset']} ({run_dir.name})")
+                          title=f"{config['model']} on {config['dataset']} ({run_dir.name})",
+                          balanced=get_spec(config["dataset"]).balanced)
     with np.load(run_dir / runs.PREDICTIONS) as saved:
         probabilities = saved["probabilities"].astype(np.float32)
         labels = saved["labels"].astype(np.int64)

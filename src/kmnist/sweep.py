@@ -39,6 +39,7 @@ from typing import IO, Any, Callable, Iterator
 
 from kmnist import __version__, runs
 from kmnist.config import same_experiment
+from kmnist.data import selection_metric
 from kmnist.errors import KmnistError
 from kmnist.sweep_spec import (SEED, SweepSpec, check_points, corner_points, grid_points, planned_points,
                                point_config, search_space, trial_name)
@@ -244,13 +245,15 @@ def lock_is_held(path: Path) -> bool:
 
 
 def objective_value(summary: dict[str, Any]) -> float:
-    """What Optuna maximises: validation accuracy (training accuracy for runs without a validation split)."""
-    value = summary.get("best_val_acc")
+    """What Optuna maximises: the validation score that chose the run's epoch (balanced accuracy for K49),
+    or training accuracy for runs without a validation split."""
+    key = "best_val_bal_acc" if summary.get("selected_on") == "val_bal_acc" else "best_val_acc"
+    value = summary.get(key)
     return float(value if value is not None else summary["final_train_acc"])
 
 
-def epoch_value(row: dict[str, Any]) -> float:
-    value = row["val_acc"]
+def epoch_value(row: dict[str, Any], column: str = "val_acc") -> float:
+    value = row[column]
     return float(row["train_acc"] if value != value else value)  # NaN without a validation split
 
 
@@ -548,15 +551,16 @@ class Worker:
             return runs.read_json(run_dir / runs.SUMMARY)
         config = point_config(self.spec, point, self.placement.config_placement())
         resume = (run_dir / runs.CONFIG).is_file()
+        column = selection_metric(config.dataset)
         if resume:
             if not same_experiment(runs.read_json(run_dir / runs.CONFIG), config.to_dict()):
                 raise KmnistError(f"{run_dir} holds a run of another configuration; move it away to rerun this point")
             trial.set_user_attr("resumed", True)
             if (run_dir / runs.METRICS).is_file():  # the trial's history shows every epoch, not only the new ones
                 for row in runs.read_metrics(run_dir):
-                    trial.report(epoch_value(row), row["epoch"])
+                    trial.report(epoch_value(row, column), row["epoch"])
         return train_run(config, run_dir, self.placement.data_dir, resume=resume, progress=False,
-                         on_epoch=lambda row: trial.report(epoch_value(row), row["epoch"]),
+                         on_epoch=lambda row: trial.report(epoch_value(row, column), row["epoch"]),
                          dataset=self.dataset(config.dataset), check_md5=self.placement.check_md5)
 
     def dataset(self, name: str):

@@ -17,9 +17,10 @@ from kmnist.augment import AugmentSettings, augment, mix
 from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
 from kmnist.config import TrainConfig, same_experiment
 from kmnist.cpu import keep_freed_memory
-from kmnist.data import Dataset, Split, normalize, pixel_stats, split_validation
+from kmnist.data import Dataset, Split, normalize, pixel_stats, selection_metric, split_validation
 from kmnist.errors import KmnistError, TrainingDiverged
-from kmnist.metrics import accuracy, autocast_for, cross_entropy, predict_logits
+from kmnist.metrics import (accuracy, autocast_for, balanced_accuracy, confusion_matrix, cross_entropy,
+                            predict_logits)
 from kmnist.models import create_model, resolve_model_args
 
 
@@ -138,7 +139,7 @@ class Trainer:
                                        config.erase)
         self.average = WeightAverage(self.model, config.ema) if config.ema else None
         self.history: list[dict[str, Any]] = []
-        self.best_val_acc = -math.inf
+        self.best_val_score = -math.inf  # the selection metric's best value so far
 
     @property
     def eval_model(self) -> nn.Module:
@@ -209,12 +210,15 @@ class Trainer:
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
 
-    def evaluate(self, split: Split) -> tuple[float, float]:
+    def evaluate(self, split: Split) -> tuple[float, float, float]:
+        """Loss, accuracy and balanced accuracy (percent) of the evaluated weights on one split."""
         if len(split) == 0:
-            return float("nan"), float("nan")
+            return float("nan"), float("nan"), float("nan")
         logits = predict_logits(self.eval_model, split.images, batch_size=self.config.eval_batch_size,
                                 precision=self.config.precision, **self.normalization)
-        return cross_entropy(logits, split.labels), accuracy(logits.argmax(dim=1), split.labels)
+        predictions = logits.argmax(dim=1)
+        confusion = confusion_matrix(predictions, split.labels, len(self.class_names))
+        return cross_entropy(logits, split.labels), accuracy(predictions, split.labels), balanced_accuracy(confusion)
 
     # --- checkpoints -----------------------------------------------------------------------------
 
@@ -226,7 +230,7 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "rng": _rng_state(self.device),
                 "history": self.history,
-                "best_val_acc": self.best_val_acc,
+                "best_val_score": self.best_val_score,
                 # With a moving average, state_dict holds the average; the raw weights are kept here.
                 "model": ({k: v.detach().cpu() for k, v in self.model.state_dict().items()}
                           if self.average is not None else None),
@@ -252,7 +256,7 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], self.device)
         self.history = list(state["history"])
-        self.best_val_acc = state["best_val_acc"]
+        self.best_val_score = state["best_val_score"]
         return payload["epoch"]
 
 
@@ -280,20 +284,23 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
             where = f"; the last good checkpoint is {run_dir / runs.LAST}" if run_dir and epoch > 1 else ""
             raise TrainingDiverged(f"training loss became {train_loss} in epoch {epoch}; "
                                    f"try a lower learning rate (now --lr {config.lr}){where}")
-        val_loss, val_acc = trainer.evaluate(trainer.val)
-        test_loss, test_acc = trainer.evaluate(trainer.test)  # reported only; never used to choose
+        val_loss, val_acc, val_bal_acc = trainer.evaluate(trainer.val)
+        test_loss, test_acc, test_bal_acc = trainer.evaluate(trainer.test)  # reported only; never used to choose
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
-            "val_acc": val_acc, "test_loss": test_loss, "test_acc": test_acc,
-            "lr": trainer.optimizer.param_groups[0]["lr"], "epoch_seconds": trained - started,
-            "eval_seconds": time.perf_counter() - trained,
+            "val_acc": val_acc, "val_bal_acc": val_bal_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "test_bal_acc": test_bal_acc, "lr": trainer.optimizer.param_groups[0]["lr"],
+            "epoch_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
         }
+        # The dataset's score on validation (balanced accuracy for imbalanced K49) drives both the
+        # plateau scheduler and the choice of best.pt.
+        score = row[selection_metric(trainer.dataset_name)]
         if isinstance(trainer.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            trainer.scheduler.step(val_acc if len(trainer.val) else train_acc)
+            trainer.scheduler.step(score if len(trainer.val) else train_acc)
         trainer.history.append(row)
-        improved = len(trainer.val) > 0 and val_acc > trainer.best_val_acc
+        improved = len(trainer.val) > 0 and score > trainer.best_val_score
         if improved:
-            trainer.best_val_acc = val_acc
+            trainer.best_val_score = score
         if run_dir is not None:
             if improved or not len(trainer.val):
                 atomic_torch_save(trainer.checkpoint(epoch, with_training_state=False), run_dir / runs.BEST)
