@@ -64,3 +64,17 @@ def test_bad_model_arguments_are_user_errors() -> None:
 def test_defaults_are_introspectable() -> None:
     for name in list_models():
         assert "num_classes" not in model_defaults(name)
+
+
+@pytest.mark.parametrize("name", ["resnet-small", "preact-resnet18"])
+def test_convolutional_models_are_channels_last_with_the_same_outputs(name: str) -> None:
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10).eval()
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    plain = create_model(name, num_classes=10).to(memory_format=torch.contiguous_format).eval()
+    plain.load_state_dict(model.state_dict())
+    assert all(c.weight.is_contiguous() for c in plain.modules() if isinstance(c, torch.nn.Conv2d))
+    images = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), plain(images), rtol=1e-4, atol=1e-4)

@@ -59,6 +59,8 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     if "per-sample" in pipelines:
         baseline = dataclasses.replace(config, precision=baseline_precision)
         trainers["per-sample"] = Trainer(baseline, dataset)
+        # As such a pipeline builds it: the default (NCHW) layout, not kmnist's channels-last convolutions.
+        trainers["per-sample"].model.to(memory_format=torch.contiguous_format)
     full = trainers["tensor"].steps_per_epoch
     steps = min(full, max_batches) if max_batches else full
     times: dict[str, list[float]] = {name: [] for name in pipelines}
