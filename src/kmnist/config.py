@@ -105,6 +105,24 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick-cnn": {"model": "resnet-small", "model_args": {"width": 12, "depth": 0}, "epochs": 2,
                   "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "weight_decay": 5e-4,
                   "scheduler": "onecycle", "label_smoothing": 0.1},
+    # The best CNN within about 15 minutes of training on 2 CPU cores (docs/results.md): a ResNet-9-style
+    # network, one-cycle SGD, label smoothing and batched geometric augmentation with cutout.
+    "cnn-fast-cpu": {"model": "resnet-small", "model_args": {"width": 32, "depth": 1}, "epochs": 20,
+                     "batch_size": 256, "optimizer": "sgd", "lr": 0.2, "weight_decay": 5e-4,
+                     "scheduler": "onecycle", "label_smoothing": 0.1, "translate": 2.0, "rotate": 10.0,
+                     "scale": 0.1, "shear": 10.0, "erase": 0.5},
+    # GPU-sized: a pre-activation ResNet-18 with the same recipe, longer, and a weight average.
+    "cnn-best": {"model": "preact-resnet18", "epochs": 60, "batch_size": 256, "optimizer": "sgd", "lr": 0.1,
+                 "weight_decay": 5e-4, "scheduler": "onecycle", "label_smoothing": 0.1, "translate": 2.0,
+                 "rotate": 10.0, "scale": 0.1, "shear": 10.0, "erase": 0.5, "ema": 0.999},
+    # No convolution anywhere: the all-MLP Mixer (pre-norm, GELU, stochastic depth) with AdamW, cosine
+    # schedule with warm-up, and the same batched augmentation; sized to train in about 17 minutes on
+    # 2 CPU cores (docs/results.md).
+    "mixer-best": {"model": "mixer",
+                   "model_args": {"patch": 4, "dim": 128, "depth": 4, "token_hidden": 128, "channel_hidden": 256},
+                   "epochs": 36, "batch_size": 256, "optimizer": "adamw", "lr": 2e-3, "weight_decay": 0.05,
+                   "scheduler": "cosine", "warmup_epochs": 2.0, "label_smoothing": 0.1, "translate": 2.0,
+                   "rotate": 10.0, "scale": 0.1, "shear": 10.0, "erase": 0.25},
 }
 
 # Settings that change where or how fast a run computes, not what: they may differ on resume.

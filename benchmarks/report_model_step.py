@@ -1,0 +1,109 @@
+"""Milliseconds per training step of the report's model (batch 128, Adam, bf16 autocast on CPU) in the
+ways of computing the same step that were tried for the 2.5x target, side by side in one process.
+
+    python benchmarks/report_model_step.py [--steps 60] [--rounds 2] [--json OUT]
+
+- eager: the model as `kmnist train` runs it;
+- inplace-relu: the hidden ReLUs write over their input (one tensor less per MLP);
+- left-matmul: token mixing as W @ x on the (B, T, C) tensor instead of transpose + Linear + transpose;
+- chunked-N: stem and its BatchNorm on the whole batch, the rest (per-sample independent) forward and
+  backward in chunks of N images so the 512-wide activations stay in cache; the same gradients;
+- compile: torch.compile of the whole model (default mode; its compile time is printed apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kmnist.cpu import keep_freed_memory
+from kmnist.models import create_model
+from kmnist.models.mixer import patchify
+from kmnist.runinfo import environment, hardware_summary
+
+
+def left_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    out = torch.matmul(layer.weight, x)
+    return out + layer.bias.to(out.dtype)[:, None]
+
+
+def make_step(variant: str, batch: tuple[torch.Tensor, torch.Tensor]):
+    torch.manual_seed(0)
+    model = create_model("report-mixer")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4, fused=True)
+    images, labels = batch
+    if variant == "inplace-relu":
+        for block in model.blocks:
+            block.mlp_tokens[1].inplace = block.mlp_channels[1].inplace = True
+    if variant == "left-matmul":
+        for block in model.blocks:
+            def forward(x, block=block):
+                hidden = x
+                for layer in block.mlp_tokens:
+                    hidden = left_linear(layer, hidden) if isinstance(layer, nn.Linear) else layer(hidden)
+                x = x + hidden
+                return x + block.mlp_channels(x)
+            block.forward = forward
+    run = torch.compile(model) if variant == "compile" else model
+    chunk = int(variant.split("-")[1]) if variant.startswith("chunked") else 0
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            if not chunk:
+                F.cross_entropy(run(images), labels).backward()
+            else:
+                stem = model.stem(patchify(images, model.patch))
+                stem = model.stem_norm(stem.transpose(1, 2)).transpose(1, 2)
+                detached = stem.detach().requires_grad_()
+                for start in range(0, len(images), chunk):
+                    part = slice(start, start + chunk)
+                    logits = model.head(model.blocks(detached[part]).mean(dim=1))
+                    (F.cross_entropy(logits, labels[part], reduction="sum") / len(images)).backward()
+                stem.backward(detached.grad)
+        optimizer.step()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=60, help="timed steps per round (default 60)")
+    parser.add_argument("--rounds", type=int, default=2, help="rounds over all variants, interleaved (default 2)")
+    parser.add_argument("--variants", default="eager,inplace-relu,left-matmul,chunked-64,chunked-32,compile")
+    parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
+    args = parser.parse_args()
+    keep_freed_memory()
+    batch = (torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)))
+    variants = args.variants.split(",")
+    steps, times, warmup = {}, {name: [] for name in variants}, {}
+    for name in variants:
+        steps[name] = make_step(name, batch)
+        started = time.perf_counter()
+        for _ in range(10):
+            steps[name]()
+        warmup[name] = time.perf_counter() - started
+    for _ in range(args.rounds):
+        for name in variants:
+            started = time.perf_counter()
+            for _ in range(args.steps):
+                steps[name]()
+            times[name].append((time.perf_counter() - started) / args.steps * 1000)
+    result = {"hardware": hardware_summary(environment()), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "ms_per_step": times, "median_ms_per_step": {k: statistics.median(v) for k, v in times.items()},
+              "warmup_seconds_10_steps": warmup}
+    for name in variants:
+        print(f"{name:>14}: {result['median_ms_per_step'][name]:6.2f} ms/step "
+              f"(rounds: {', '.join(f'{t:.2f}' for t in times[name])}; first 10 steps {warmup[name]:.1f} s)")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as out:
+            json.dump(result, out, indent=2)
+
+
+if __name__ == "__main__":
+    main()
