@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +28,9 @@ from kmnist.cpu import keep_freed_memory
 from kmnist.models import create_model
 from kmnist.models.mixer import patchify
 from kmnist.runinfo import environment, hardware_summary
+
+
+KNOWN = ("eager", "inplace-relu", "left-matmul", "compile")
 
 
 def left_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +86,11 @@ def main() -> None:
     keep_freed_memory()
     batch = (torch.randn(128, 1, 28, 28), torch.randint(0, 10, (128,)))
     variants = args.variants.split(",")
+    unknown = [name for name in variants if name not in KNOWN and not re.fullmatch(r"chunked-[1-9][0-9]*", name)]
+    if unknown:
+        parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(KNOWN)}, chunked-N")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        parser.error(f"--json: no such directory: {Path(args.json).parent}")  # before minutes of measuring
     steps, times, warmup = {}, {name: [] for name in variants}, {}
     for name in variants:
         steps[name] = make_step(name, batch)

@@ -87,6 +87,8 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path:
     final_whole = load_checkpoint(tmp_path / "whole" / runs.LAST)["state_dict"]
     final_cut = load_checkpoint(tmp_path / "cut" / runs.LAST)["state_dict"]
     assert all(torch.equal(final_whole[k], final_cut[k]) for k in final_whole)
+    # The best validation score is recovered from the history: best.pt is the same epoch's.
+    assert load_checkpoint(tmp_path / "whole" / runs.BEST)["epoch"] == load_checkpoint(tmp_path / "cut" / runs.BEST)["epoch"]
 
 
 def test_resume_refuses_a_different_configuration(tiny_dataset, tmp_path: Path) -> None:

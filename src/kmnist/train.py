@@ -230,7 +230,6 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "rng": _rng_state(self.device),
                 "history": self.history,
-                "best_val_score": self.best_val_score,
                 # With a moving average, state_dict holds the average; the raw weights are kept here.
                 "model": ({k: v.detach().cpu() for k, v in self.model.state_dict().items()}
                           if self.average is not None else None),
@@ -256,7 +255,11 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"], self.device)
         self.history = list(state["history"])
-        self.best_val_score = state["best_val_score"]
+        # The best validation score so far follows from the history (NaN-free: a run without a
+        # validation split never improves), so checkpoints need not store it.
+        column = selection_metric(self.dataset_name)
+        scores = [row.get(column, math.nan) for row in self.history]
+        self.best_val_score = max((v for v in scores if not math.isnan(v)), default=-math.inf)
         return payload["epoch"]
 
 
