@@ -3,12 +3,14 @@ ways of computing the same step that were tried for the 2.5x target, side by sid
 
     python benchmarks/report_model_step.py [--steps 60] [--rounds 2] [--json OUT]
 
-- eager: the model as `kmnist train` runs it;
-- inplace-relu: the hidden ReLUs write over their input (one tensor less per MLP);
-- left-matmul: token mixing as W @ x on the (B, T, C) tensor instead of transpose + Linear + transpose;
+- eager: the model as `kmnist train` runs it (each hidden Linear + ReLU one oneDNN product,
+  `kmnist.models.fused`);
+- plain: the same model in plain PyTorch ops (Linear, then ReLU), as before that fusion;
+- inplace-relu: plain, the hidden ReLUs writing over their input (one tensor less per MLP);
+- left-matmul: plain, token mixing as W @ x on the (B, T, C) tensor instead of transpose + Linear + transpose;
 - chunked-N: stem and its BatchNorm on the whole batch, the rest (per-sample independent) forward and
   backward in chunks of N images so the 512-wide activations stay in cache; the same gradients;
-- compile: torch.compile of the whole model (default mode; its compile time is printed apart).
+- compile: torch.compile of the whole model (default mode; it traces the plain ops).
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from torch import nn
 
 from kmnist.cpu import keep_freed_memory
 from kmnist.models import create_model
+from kmnist.models.fused import set_fused
 from kmnist.models.mixer import patchify
 from kmnist.runinfo import environment, hardware_summary
 
 
-KNOWN = ("eager", "inplace-relu", "left-matmul", "compile")
+KNOWN = ("eager", "plain", "inplace-relu", "left-matmul", "compile")
 
 
 def left_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -43,6 +46,8 @@ def make_step(variant: str, batch: tuple[torch.Tensor, torch.Tensor]):
     model = create_model("report-mixer")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4, fused=True)
     images, labels = batch
+    if variant in ("plain", "inplace-relu", "left-matmul", "compile"):
+        set_fused(model, False)
     if variant == "inplace-relu":
         for block in model.blocks:
             block.mlp_tokens[1].inplace = block.mlp_channels[1].inplace = True
@@ -80,7 +85,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60, help="timed steps per round (default 60)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all variants, interleaved (default 2)")
-    parser.add_argument("--variants", default="eager,inplace-relu,left-matmul,chunked-64,chunked-32,compile")
+    parser.add_argument("--variants", default="eager,plain,inplace-relu,left-matmul,chunked-64,chunked-32,compile")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args()
     keep_freed_memory()

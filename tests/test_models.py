@@ -78,3 +78,37 @@ def test_convolutional_models_are_channels_last_with_the_same_outputs(name: str)
     images = torch.randn(5, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(model(images), plain(images), rtol=1e-4, atol=1e-4)
+
+
+def _report_mixer_step(fused: bool, bf16: bool, images: torch.Tensor, labels: torch.Tensor):
+    from kmnist.models.fused import set_fused
+
+    torch.manual_seed(1)
+    model = set_fused(create_model("report-mixer", token_hidden=64, channel_hidden=32), fused)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        logits = model(images)
+    torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+    grads = {name: p.grad for name, p in model.named_parameters() if name != "stem.bias"}  # BatchNorm follows: ~0
+    with torch.inference_mode():
+        evaluated = model.eval()(images).float()
+    return logits.detach().float(), grads, evaluated
+
+
+def test_fused_linear_relu_gives_the_plain_numbers() -> None:
+    torch.manual_seed(0)
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    reference = _report_mixer_step(False, False, images, labels)
+    fused = _report_mixer_step(True, False, images, labels)
+    # fp32: the same products, the same values.
+    torch.testing.assert_close(fused[0], reference[0], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(fused[2], reference[2], atol=1e-6, rtol=1e-5)
+    for name, grad in reference[1].items():
+        torch.testing.assert_close(fused[1][name], grad, atol=1e-6, rtol=1e-5)
+    # bf16 autocast: both paths round, so each is compared with fp32; the fused one is no further off.
+    fused_bf16, plain_bf16 = _report_mixer_step(True, True, images, labels), _report_mixer_step(False, True, images, labels)
+    for name, grad in reference[1].items():
+        scale = grad.abs().max()
+        fused_error = float((fused_bf16[1][name] - grad).abs().max() / scale)
+        plain_error = float((plain_bf16[1][name] - grad).abs().max() / scale)
+        assert fused_error <= 2 * plain_error + 0.01, (name, fused_error, plain_error)
+    assert float((fused_bf16[0] - reference[0]).abs().max()) <= 2 * float((plain_bf16[0] - reference[0]).abs().max()) + 0.01

@@ -15,6 +15,7 @@ from torch.utils.data import Dataset as TorchDataset
 from kmnist.config import TrainConfig
 from kmnist.data import Dataset, Split
 from kmnist.metrics import uses_bf16
+from kmnist.models.fused import set_fused
 from kmnist.train import Trainer, _sync
 
 
@@ -59,8 +60,9 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     if "per-sample" in pipelines:
         baseline = dataclasses.replace(config, precision=baseline_precision)
         trainers["per-sample"] = Trainer(baseline, dataset)
-        # As such a pipeline builds it: the default (NCHW) layout, not kmnist's channels-last convolutions.
-        trainers["per-sample"].model.to(memory_format=torch.contiguous_format)
+        # As such a pipeline builds it: the default (NCHW) layout, not kmnist's channels-last convolutions,
+        # and plain PyTorch ops, not kmnist's fused Linear + ReLU.
+        set_fused(trainers["per-sample"].model.to(memory_format=torch.contiguous_format), False)
     full = trainers["tensor"].steps_per_epoch
     steps = min(full, max_batches) if max_batches else full
     times: dict[str, list[float]] = {name: [] for name in pipelines}

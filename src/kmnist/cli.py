@@ -135,7 +135,10 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
         return "n/a" if value is None else f"{value:.2f}%"
 
     print(f"\nsummary ({run_dir}):")
-    print(f"  final test accuracy          {pct(summary['final_test_acc'])}")
+    # Without a validation split nothing is chosen after training: the final epoch is the result.
+    fixed = "   <- the honest estimate (no validation split: the final epoch is the result)"
+    print(f"  final test accuracy          {pct(summary['final_test_acc'])}"
+          f"{fixed if summary.get('best_epoch') is None else ''}")
     print(f"  final training loss          {summary['final_train_loss']:.4f}")
     print(f"  final training accuracy      {pct(summary['final_train_acc'])}")
     if summary.get("selected_on") == "val_bal_acc":  # imbalanced dataset: chosen and scored on balanced accuracy
