@@ -34,10 +34,14 @@ class _LinearReLU(torch.autograd.Function):
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = (grad_hidden @ weight).reshape(x.shape)
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad_hidden.t() @ x.reshape(-1, x.shape[-1])
+        flat_x = x.reshape(-1, x.shape[-1])
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_bias = grad_hidden.sum(0)
+            # The bias gradient (column sums) from the weight's own product: [x, 1], so the hidden
+            # gradient is read once, not twice (about 4% of a report-model step).
+            both = grad_hidden.t() @ torch.cat([flat_x, flat_x.new_ones(len(flat_x), 1)], dim=1)
+            grad_weight, grad_bias = both[:, :-1], both[:, -1]
+        elif ctx.needs_input_grad[1]:
+            grad_weight = grad_hidden.t() @ flat_x
         return grad_x, grad_weight, grad_bias
 
 
