@@ -54,7 +54,7 @@ def linear_relu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    if x.dtype != weight.dtype:
+    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):  # e.g. fp16 autocast
         return F.relu(layer(x))
     return _LinearReLU.apply(x.contiguous(), weight.contiguous(), bias)
 
