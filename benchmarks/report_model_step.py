@@ -94,6 +94,8 @@ def main() -> None:
     unknown = [name for name in variants if name not in KNOWN and not re.fullmatch(r"chunked-[1-9][0-9]*", name)]
     if unknown:
         parser.error(f"unknown variant(s) {', '.join(unknown)}; known: {', '.join(KNOWN)}, chunked-N")
+    if args.steps < 1 or args.rounds < 1:
+        parser.error("--steps and --rounds must be at least 1")
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json: no such directory: {Path(args.json).parent}")  # before minutes of measuring
     steps, times, warmup = {}, {name: [] for name in variants}, {}

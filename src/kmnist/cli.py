@@ -178,7 +178,7 @@ def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from kmnist.data import get_spec
+    from kmnist.data import is_balanced
     from kmnist.runner import train_run
 
     config = config_from_args(args)
@@ -193,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "
           f"run directory {run_dir}", flush=True)
     header_printed = False
-    columns = BALANCED_EPOCH_COLUMNS if get_spec(config.dataset).balanced else EPOCH_COLUMNS
+    columns = BALANCED_EPOCH_COLUMNS if is_balanced(config.dataset) else EPOCH_COLUMNS
 
     def on_epoch(row: dict[str, Any]) -> None:
         nonlocal header_printed

@@ -118,9 +118,15 @@ class Dataset:
         return len(self.class_names)
 
 
+def is_balanced(name: str) -> bool:
+    """Whether a dataset is scored by balanced accuracy (imbalanced classes). False for a name no
+    longer registered, so saved runs of it still load."""
+    return name in DATASETS and DATASETS[name].balanced
+
+
 def selection_metric(name: str) -> str:
     """The validation column that chooses a run's best epoch: balanced accuracy for imbalanced datasets."""
-    return "val_bal_acc" if get_spec(name).balanced else "val_acc"
+    return "val_bal_acc" if is_balanced(name) else "val_acc"
 
 
 def get_spec(name: str) -> DatasetSpec:

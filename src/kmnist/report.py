@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kmnist import plots, runs
-from kmnist.data import DATASETS
+from kmnist.data import is_balanced
 from kmnist.results import METRICS, TABLE_FIELDS, Results, collect, format_setting, group_curves, versus_field
 
 MARKDOWN = "results.md"
@@ -34,10 +34,6 @@ NOTES = (
     "with the best validation balanced accuracy, the dataset's official score; accuracy columns stand beside it.",
 )
 BALANCED_COLUMN = "test balanced acc at best val epoch (%)"
-
-
-def is_balanced(dataset: str) -> bool:
-    return dataset in DATASETS and DATASETS[dataset].balanced
 
 
 def format_stat(stat: tuple[float, float | None], digits: int = 2) -> str:

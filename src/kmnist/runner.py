@@ -12,7 +12,7 @@ import torch
 from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict
-from kmnist.data import Dataset, get_spec, load_dataset, selection_metric
+from kmnist.data import Dataset, is_balanced, load_dataset, selection_metric
 from kmnist.errors import KmnistError
 from kmnist.metrics import confusion_matrix, predict_logits
 from kmnist.models import create_model
@@ -75,7 +75,7 @@ def write_run_figures(run_dir: Path, dataset: Dataset) -> None:
     history = runs.read_metrics(run_dir)
     plots.learning_curves(history, run_dir / "learning_curves.png",
                           title=f"{config['model']} on {config['dataset']} ({run_dir.name})",
-                          balanced=get_spec(config["dataset"]).balanced)
+                          balanced=is_balanced(config["dataset"]))
     with np.load(run_dir / runs.PREDICTIONS) as saved:
         probabilities = saved["probabilities"].astype(np.float32)
         labels = saved["labels"].astype(np.int64)
