@@ -19,6 +19,12 @@ def _fusable(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 
 
+def _onednn_takes(dtype: torch.dtype) -> bool:
+    # oneDNN has bf16 products only on CPUs with AVX512 or AMX; elsewhere (e.g. AVX2-only CPUs) it
+    # refuses to build the primitive, and the plain ops (which emulate bf16) must run instead.
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 class _LinearReLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -54,7 +60,7 @@ def linear_relu(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.get_autocast_dtype("cpu")
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):  # e.g. fp16 autocast
+    if x.dtype != weight.dtype or not _onednn_takes(x.dtype):  # e.g. fp16 autocast, or bf16 without AVX512
         return F.relu(layer(x))
     return _LinearReLU.apply(x.contiguous(), weight.contiguous(), bias)
 
