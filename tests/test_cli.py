@@ -111,6 +111,16 @@ def test_missing_data_offline(tmp_path: Path, offline: None, capsys) -> None:
     assert_one_line_error(code, err, "files missing")
 
 
+@pytest.mark.parametrize("fast_bf16", [False, True])
+def test_bf16_on_a_cpu_without_bf16_units_is_warned_of(fast_bf16: bool, tmp_path: Path, offline: None,
+                                                       monkeypatch, capsys) -> None:
+    monkeypatch.setattr("kmnist.metrics.has_fast_bf16", lambda: fast_bf16)
+    code, _, err = run_cli(["train", "--precision", "bf16", "--device", "cpu", "--data-dir", str(tmp_path / "empty"),
+                            "--no-progress"], capsys)
+    assert code != 0 and "files missing" in err  # stops at the data, after the warning
+    assert ("no bf16 matrix units" in err) is not fast_bf16
+
+
 def test_corrupted_data_file(data_dir: Path, tmp_path: Path, capsys) -> None:
     (data_dir / "kmnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b broken")
     code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(tmp_path / "r"),

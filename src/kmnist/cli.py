@@ -98,6 +98,15 @@ def data_dir_from_args(args: argparse.Namespace) -> Path:
     return Path(args.data_dir or os.environ.get("KMNIST_DATA") or default_data_dir())
 
 
+def warn_if_emulated_bf16(config: TrainConfig) -> None:
+    from kmnist.metrics import emulates_bf16
+    from kmnist.train import select_device
+
+    if emulates_bf16(select_device(config.device), config.precision):
+        print("kmnist: warning: this CPU has no bf16 matrix units (AMX or AVX512-BF16), so --precision bf16 runs "
+              "emulated, many times slower than fp32 (--precision auto picks fp32 here)", file=sys.stderr)
+
+
 def show_progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False)
 
@@ -188,6 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
+    warn_if_emulated_bf16(config)
     data_dir = data_dir_from_args(args)
     progress = show_progress(args)
     print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "
@@ -240,6 +250,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.repeats < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise KmnistError("--repeats and --max-batches must be at least 1")
+    warn_if_emulated_bf16(config)
     dataset = load_dataset(config.dataset, data_dir_from_args(args), check_md5=not args.skip_md5)
     name = args.preset or config.model
     print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "

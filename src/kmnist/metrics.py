@@ -19,6 +19,11 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bf16"
 
 
+def emulates_bf16(device: torch.device, precision: str) -> bool:
+    """Whether bf16 was asked for on a CPU that has no bf16 matrix units: it then runs emulated, many times slower."""
+    return precision == "bf16" and device.type == "cpu" and not has_fast_bf16()
+
+
 def autocast_for(device: torch.device, precision: str):
     """bf16 autocast where `uses_bf16`; a null context otherwise."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()
