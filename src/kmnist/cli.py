@@ -73,9 +73,7 @@ def parse_key_values(items: Sequence[str], what: str) -> dict[str, Any]:
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {name: getattr(args, name) for name in FIELDS if name != "model_args"}
     file_values = load_config_file(args.config) if args.config else {}
-    model_args = parse_key_values(args.model_arg, "--model-arg")
-    if model_args:
-        overrides["model_args"] = {**(file_values.get("model_args") or {}), **model_args}
+    overrides["model_args"] = parse_key_values(args.model_arg, "--model-arg")
     return resolve_config(preset=args.preset, file_values=file_values, overrides=overrides)
 
 

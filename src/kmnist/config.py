@@ -214,26 +214,33 @@ def resolve_config(
     overrides: dict[str, Any] | None = None,
     base: TrainConfig | None = None,
 ) -> TrainConfig:
-    """Defaults, then the preset, then the config file, then command-line overrides (None = not given)."""
+    """Defaults, then the preset, then the config file, then command-line overrides (None = not given).
+
+    Model arguments merge argument by argument across these layers (`--preset quick-cnn --model-arg
+    width=8` keeps the preset's depth), and a layer that names another model starts from that
+    model's own defaults.
+    """
     file_values = dict(file_values or {})
     preset = overrides.get("preset") if overrides and overrides.get("preset") else preset
     preset = preset or file_values.pop("preset", None)
     file_values.pop("preset", None)
-    values: dict[str, Any] = {}
-    if preset is not None:
-        if preset not in PRESETS:
-            raise KmnistError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
-        values.update(PRESETS[preset])
-    values.update(file_values)
-    values.update({k: v for k, v in (overrides or {}).items() if v is not None and k != "preset"})
-    model_args = dict(values.pop("model_args", {}) or {})
-    typed = {name: coerce(name, value) for name, value in values.items()}
+    if preset is not None and preset not in PRESETS:
+        raise KmnistError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
+    given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "preset"}
     config = base or TrainConfig()
-    # A model named without its own arguments starts from that model's defaults.
-    if "model" in typed and typed["model"] != config.model:
-        config = dataclasses.replace(config, model_args={})
-    merged_args = {**config.model_args, **model_args}
-    return dataclasses.replace(config, **typed, model_args=merged_args)
+    model, model_args = config.model, dict(config.model_args)
+    values: dict[str, Any] = {}
+    for layer in (PRESETS[preset] if preset is not None else {}, file_values, given):
+        layer = dict(layer)
+        layer_args = layer.pop("model_args", None) or {}
+        if not isinstance(layer_args, dict):
+            raise KmnistError("model_args must be a table of name = value")
+        if "model" in layer and layer["model"] != model:
+            model, model_args = layer["model"], {}
+        model_args.update(layer_args)
+        values.update(layer)
+    typed = {name: coerce(name, value) for name, value in values.items()}
+    return dataclasses.replace(config, **typed, model_args=model_args)
 
 
 def config_from_dict(data: dict[str, Any]) -> TrainConfig:

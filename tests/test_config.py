@@ -1,0 +1,40 @@
+"""Resolving a configuration: defaults, preset, config file and command line, model arguments merged."""
+
+from __future__ import annotations
+
+import pytest
+
+from kmnist.config import PRESETS, resolve_config
+from kmnist.errors import KmnistError
+from kmnist.sweep_spec import build_spec, point_config
+
+
+def test_model_arguments_merge_argument_by_argument() -> None:
+    config = resolve_config(preset="quick-cnn", overrides={"model_args": {"width": 24}})
+    assert config.model_args == {**PRESETS["quick-cnn"]["model_args"], "width": 24}
+    config = resolve_config(preset="cnn-fast-cpu", file_values={"model_args": {"depth": 2, "dropout": 0.1}},
+                            overrides={"model_args": {"dropout": 0.2}})
+    assert config.model_args == {"width": PRESETS["cnn-fast-cpu"]["model_args"]["width"], "depth": 2, "dropout": 0.2}
+
+
+def test_another_model_starts_from_its_own_defaults() -> None:
+    config = resolve_config(preset="quick-cnn", overrides={"model": "report-mixer"})
+    assert config.model == "report-mixer" and config.model_args == {}
+    config = resolve_config(preset="quick-cnn", overrides={"model": "report-mixer", "model_args": {"patch": 7}})
+    assert config.model_args == {"patch": 7}
+    # Naming the preset's own model keeps its arguments.
+    config = resolve_config(preset="quick-cnn", overrides={"model": "resnet-small"})
+    assert config.model_args == PRESETS["quick-cnn"]["model_args"]
+
+
+def test_bad_model_arguments_and_presets_are_refused() -> None:
+    with pytest.raises(KmnistError, match="model_args must be a table"):
+        resolve_config(file_values={"model_args": [1, 2]})
+    with pytest.raises(KmnistError, match="unknown preset"):
+        resolve_config(preset="nope")
+
+
+def test_sweep_points_keep_the_presets_model_arguments() -> None:
+    spec = build_spec(grid=["epochs=1"], preset="cnn-fast-cpu", config={"model_args": {"width": 16}})
+    config = point_config(spec, {"epochs": 1, "seed": 0})
+    assert config.model_args == {**PRESETS["cnn-fast-cpu"]["model_args"], "width": 16}
