@@ -1,7 +1,8 @@
-"""Milliseconds per training step of the report's model (batch 128, Adam, bf16 autocast on CPU) in the
-ways of computing the same step that were tried for the 2.5x target, side by side in one process.
+"""Milliseconds per training step of the report's model (batch 128, Adam; bf16 autocast on CPUs with bf16
+units, fp32 elsewhere, as `--precision auto` trains) in the ways of computing the same step that were
+tried for the 2.5x target, side by side in one process.
 
-    python benchmarks/report_model_step.py [--steps 60] [--rounds 2] [--json OUT]
+    python benchmarks/report_model_step.py [--steps 60] [--rounds 2] [--precision auto] [--json OUT]
 
 - eager: the model as `kmnist train` runs it (each hidden Linear + ReLU one oneDNN product,
   `kmnist.models.fused`);
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kmnist.cpu import keep_freed_memory
+from kmnist.metrics import autocast_for, uses_bf16
 from kmnist.models import create_model
 from kmnist.models.fused import set_fused
 from kmnist.models.mixer import patchify
@@ -41,7 +43,7 @@ def left_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return out + layer.bias.to(out.dtype)[:, None]
 
 
-def make_step(variant: str, batch: tuple[torch.Tensor, torch.Tensor]):
+def make_step(variant: str, batch: tuple[torch.Tensor, torch.Tensor], precision: str):
     torch.manual_seed(0)
     model = create_model("report-mixer")
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, weight_decay=5e-4, fused=True)
@@ -65,7 +67,7 @@ def make_step(variant: str, batch: tuple[torch.Tensor, torch.Tensor]):
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast_for(torch.device("cpu"), precision):
             if not chunk:
                 F.cross_entropy(run(images), labels).backward()
             else:
@@ -86,6 +88,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per round (default 60)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all variants, interleaved (default 2)")
     parser.add_argument("--variants", default="eager,plain,inplace-relu,left-matmul,chunked-64,chunked-32,compile")
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="auto: bf16 autocast on CPUs with bf16 units, else fp32 (default)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args()
     keep_freed_memory()
@@ -100,7 +104,7 @@ def main() -> None:
         parser.error(f"--json: no such directory: {Path(args.json).parent}")  # before minutes of measuring
     steps, times, warmup = {}, {name: [] for name in variants}, {}
     for name in variants:
-        steps[name] = make_step(name, batch)
+        steps[name] = make_step(name, batch, args.precision)
         started = time.perf_counter()
         for _ in range(10):
             steps[name]()
@@ -112,6 +116,7 @@ def main() -> None:
                 steps[name]()
             times[name].append((time.perf_counter() - started) / args.steps * 1000)
     result = {"hardware": hardware_summary(environment()), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "precision": args.precision, "bf16": uses_bf16(torch.device("cpu"), args.precision),
               "ms_per_step": times, "median_ms_per_step": {k: statistics.median(v) for k, v in times.items()},
               "warmup_seconds_10_steps": warmup}
     for name in variants:
