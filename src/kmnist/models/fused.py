@@ -8,6 +8,8 @@ pre-activation tensor is never stored or read again. Its backward is the usual o
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,6 +21,7 @@ def _fusable(x: torch.Tensor) -> bool:
             and torch.backends.mkldnn.is_available() and not torch.compiler.is_compiling())
 
 
+@functools.cache
 def _onednn_takes(dtype: torch.dtype) -> bool:
     # oneDNN has bf16 products only on CPUs with AVX512 or AMX; elsewhere (e.g. AVX2-only CPUs) it
     # refuses to build the primitive, and the plain ops (which emulate bf16) must run instead.
