@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from kmnist.cli import main as kmnist
 
 # --smoke: the same steps on a CPU in a few minutes, to check this script before a GPU is lent.
@@ -80,6 +82,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.seeds < 1 or args.budget <= 0:
         parser.error("--seeds must be at least 1 and --budget positive")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA device here; check the script on a CPU with --device cpu --smoke")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix="kmnist-gpu-"))
@@ -113,7 +117,7 @@ def main() -> int:
             report["steps"][name] = result
             (out / "gpu_checks.json").write_text(json.dumps(report, indent=2))
     print_table(report, out)
-    return 0
+    return 1 if any(step.get("exit_code") for step in report["steps"].values()) else 0
 
 
 def print_table(report: dict, out: Path) -> None:
