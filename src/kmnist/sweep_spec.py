@@ -359,13 +359,13 @@ def trial_name(spec: SweepSpec, point: dict[str, Any]) -> str:
 
 def point_config(spec: SweepSpec, point: dict[str, Any], placement: dict[str, Any] | None = None) -> TrainConfig:
     """The point's configuration: the preset, the fixed fields, then `dataclasses.replace(config, **point)`."""
-    base = resolve_config(preset=point.get(PRESET_AXIS, spec.preset), file_values=spec.config)
-    fields = {name: coerce(name, value) for name, value in point.items() if name in FIELDS}
+    fields = {name: value for name, value in point.items() if name in FIELDS}
     model_args = {name[len(MODEL_ARG_PREFIX):]: value for name, value in point.items()
                   if name.startswith(MODEL_ARG_PREFIX)}
-    # A model named by the point starts from that model's own defaults, as on the command line.
-    base_args = {} if fields.get("model", base.model) != base.model else base.model_args
-    return dataclasses.replace(base, **fields, **(placement or {}), model_args={**base_args, **model_args})
+    # The point is the last layer, as the command line is for `kmnist train`.
+    config = resolve_config(preset=point.get(PRESET_AXIS, spec.preset), file_values=spec.config,
+                            overrides={**fields, "model_args": model_args})
+    return dataclasses.replace(config, **(placement or {}))
 
 
 def check_points(spec: SweepSpec, points: Iterable[dict[str, Any]]) -> None:
