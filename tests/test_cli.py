@@ -209,3 +209,15 @@ def test_bench_writes_json_and_markdown(data_dir: Path, tmp_path: Path, capsys) 
     lines = table.read_text().splitlines()
     assert sum(line.startswith("| date") for line in lines) == 1 and len(lines) == 4
     assert "speed-up" in out
+
+
+def test_bench_with_compile_times_the_uncompiled_loop_beside_it(data_dir: Path, tmp_path: Path, capsys) -> None:
+    code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--repeats", "1",
+                              "--max-batches", "2", "--val-size", "120", "--threads", "1", "--batch-size", "32",
+                              "--model", "resnet-small", "--model-arg", "width=4", "--model-arg", "depth=0",
+                              "--compile", "default", "--json", str(tmp_path / "b.json")], capsys)
+    assert code == 0, err
+    result = json.loads((tmp_path / "b.json").read_text())
+    assert set(result["median_epoch_seconds"]) == {"tensor", "eager", "per-sample"}
+    assert result["compile"]["warm_up_seconds"] > 0 and result["compile"]["speedup_over_eager"] > 0
+    assert "speed-up from compiling" in out

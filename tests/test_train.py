@@ -134,3 +134,18 @@ def test_allocator_setting_is_applied_once_and_harmless() -> None:
     first = keep_freed_memory()
     assert keep_freed_memory() == first
     assert torch.ones(3).sum() == 3
+
+
+def test_compiled_training_computes_what_eager_training_does(tiny_dataset, tmp_path: Path) -> None:
+    # torch.compile (inductor on the CPU) fuses ops, so the fp32 sums may differ in the last bits, not more.
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 1, "val_size": 120, "model": "resnet-small",
+                            "model_args": {"width": 4, "depth": 0}, "translate": 1.0})
+    eager = fit(config, tiny_dataset, progress=False)
+    compiled = fit(TrainConfig(**{**config.to_dict(), "compile": "default"}), tiny_dataset, tmp_path, progress=False)
+    assert eager[0]["compile_seconds"] == 0 and compiled[0]["compile_seconds"] > 0
+    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-3)
+    assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-3)  # BatchNorm statistics too
+    # The checkpoint holds the plain module's weights, loadable without compiling anything.
+    payload = load_checkpoint(tmp_path / runs.LAST)
+    assert not any(key.startswith("_orig_mod") for key in payload["state_dict"])
+    assert runs.summarize(compiled)["compile_seconds"] == compiled[0]["compile_seconds"]

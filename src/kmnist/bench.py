@@ -54,11 +54,17 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     "tensor" is kmnist's loop with the config as given; "per-sample" is a torchvision-style pipeline
     (a Dataset returning one normalised tensor per index, through a DataLoader) feeding the same
     model, optimiser and training step, in `baseline_precision` (fp32: such pipelines do not
-    autocast). With max_batches, epochs are cut short and the time is scaled to a whole epoch.
+    autocast). With config.compile set, "eager" (the same loop, not compiled) runs beside them, and
+    compiling happens before any timing. With max_batches, epochs are cut short and the time is scaled
+    to a whole epoch.
     """
+    if config.compile != "off" and "eager" not in pipelines:
+        pipelines = (pipelines[0], "eager", *pipelines[1:])  # what compiling gains, measured beside it
     trainers = {"tensor": Trainer(config, dataset)}
+    if "eager" in pipelines:
+        trainers["eager"] = Trainer(dataclasses.replace(config, compile="off"), dataset)
     if "per-sample" in pipelines:
-        baseline = dataclasses.replace(config, precision=baseline_precision)
+        baseline = dataclasses.replace(config, precision=baseline_precision, compile="off")
         trainers["per-sample"] = Trainer(baseline, dataset)
         # As such a pipeline builds it: the default (NCHW) layout, not kmnist's channels-last convolutions,
         # and plain PyTorch ops, not kmnist's fused Linear + ReLU.
@@ -66,13 +72,15 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     full = trainers["tensor"].steps_per_epoch
     steps = min(full, max_batches) if max_batches else full
     times: dict[str, list[float]] = {name: [] for name in pipelines}
+    compile_seconds = trainers["tensor"].warm_up()
     for trainer in trainers.values():
         trainer.steps_per_epoch = steps
         trainer.train_epoch(0, progress=False, batches=_take(trainer.batches(0), min(steps, 20)))  # warm-up
     for repeat in range(repeats):
         for name in pipelines:
             trainer = trainers[name]
-            source = trainer.batches(repeat + 1) if name == "tensor" else iter(per_sample_loader(trainer, repeat + 1))
+            source = (iter(per_sample_loader(trainer, repeat + 1)) if name == "per-sample"
+                      else trainer.batches(repeat + 1))
             _sync(trainer.device)
             started = time.perf_counter()
             trainer.train_epoch(repeat + 1, progress=False, batches=_take(source, steps))
@@ -85,6 +93,9 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     if "per-sample" in medians:
         result["speedup"] = medians["per-sample"] / medians["tensor"]
         result["baseline_precision"] = baseline_precision
+    if "eager" in medians:
+        result["compile"] = {"mode": config.compile, "warm_up_seconds": compile_seconds,
+                             "speedup_over_eager": medians["eager"] / medians["tensor"]}
     return result
 
 

@@ -160,7 +160,8 @@ def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
     print(f"  maximum test accuracy        {pct(summary['max_test_acc'])} (epoch {summary['max_test_epoch']}; "
           "test-selected, as the report measured it)")
     print(f"  training time                {summary['train_seconds']:.1f} s "
-          f"({summary['seconds_per_epoch']:.1f} s per epoch)")
+          f"({summary['seconds_per_epoch']:.1f} s per epoch)"
+          + (f"; compiling before it {summary['compile_seconds']:.1f} s" if summary.get("compile_seconds") else ""))
 
 
 def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir: Path) -> None:
@@ -266,7 +267,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         result["recipe"] = train_run(config, run_dir, data_dir_from_args(args), progress=show_progress(args),
                                      check_md5=not args.skip_md5)
     medians = result["median_epoch_seconds"]
-    rows = [(f"train epoch (in-memory tensors, {'bf16' if result['bf16'] else 'fp32'})", f"{medians['tensor']:.2f} s")]
+    ours = f"in-memory tensors, {'bf16' if result['bf16'] else 'fp32'}"
+    rows = [(f"train epoch ({ours}{', compiled' if 'compile' in result else ''})", f"{medians['tensor']:.2f} s")]
+    if "compile" in result:
+        rows += [(f"train epoch ({ours}, not compiled)", f"{medians['eager']:.2f} s"),
+                 (f"compiling ({config.compile}), before timing", f"{result['compile']['warm_up_seconds']:.1f} s"),
+                 ("speed-up from compiling", f"{result['compile']['speedup_over_eager']:.2f}x")]
     if "per-sample" in medians:
         rows += [(f"train epoch (per-sample DataLoader, {result['baseline_precision']})", f"{medians['per-sample']:.2f} s"),
                  ("speed-up", f"{result['speedup']:.2f}x")]

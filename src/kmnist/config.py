@@ -17,6 +17,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+# torch.compile of the model for training: off, or one of its modes (reduce-overhead adds CUDA graphs on a GPU).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
 
 
 def _field(default: Any, help: str) -> Any:
@@ -57,6 +59,8 @@ class TrainConfig:
     device: str = _field("auto", "auto (CUDA when present, else CPU), cpu or cuda")
     precision: str = _field("auto", "auto (bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32), "
                                     "fp32 or bf16")
+    compile: str = _field("off", "torch.compile the model for training: off, default, reduce-overhead (CUDA graphs "
+                                 "on a GPU) or max-autotune; compiling happens before the clock starts")
     threads: int = _field(0, "CPU threads for torch; 0 keeps torch's default (one per core)")
     eval_batch_size: int = _field(1024, "images per forward pass when evaluating")
 
@@ -66,6 +70,7 @@ class TrainConfig:
         _check_choice("scheduler", self.scheduler, SCHEDULERS)
         _check_choice("device", self.device, DEVICES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("compile", self.compile, COMPILE_MODES)
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise KmnistError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -126,7 +131,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # Settings that change where or how fast a run computes, not what: they may differ on resume.
-PLACEMENT_FIELDS = ("device", "threads", "eval_batch_size")
+PLACEMENT_FIELDS = ("device", "threads", "eval_batch_size", "compile")
 
 
 def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:

@@ -19,7 +19,7 @@ BEST = "best.pt"
 PREDICTIONS = "test_predictions.npz"
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "test_loss", "test_acc",
-                  "test_bal_acc", "lr", "epoch_seconds", "eval_seconds")
+                  "test_bal_acc", "lr", "epoch_seconds", "eval_seconds", "compile_seconds")
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -92,4 +92,7 @@ def summarize(history: list[dict[str, Any]], select_on: str = "val_acc") -> dict
         "train_seconds": sum(row["epoch_seconds"] for row in history),
         "seconds_per_epoch": sum(row["epoch_seconds"] for row in history) / len(history),
         "eval_seconds": sum(row.get("eval_seconds", 0.0) for row in history),
+        # torch.compile before the first epoch (--compile), outside train_seconds as the warm-up of a benchmark is.
+        "compile_seconds": sum(row.get("compile_seconds", 0.0) for row in history
+                               if not math.isnan(row.get("compile_seconds", 0.0))),
     }

@@ -130,6 +130,10 @@ class Trainer:
         self.model_args = resolve_model_args(config.model, config.model_args)
         self.model = create_model(config.model, num_classes=dataset.num_classes, **self.model_args).to(self.device)
         self.optimizer = make_optimizer(config, self.model)
+        # The training forward: the model itself, or a compiled view of it sharing its parameters
+        # (checkpoints, the weight average and evaluation keep using the plain module).
+        self.forward = self.model if config.compile == "off" else torch.compile(
+            self.model, mode=None if config.compile == "default" else config.compile, dynamic=False)
         self.steps_per_epoch = batches_per_epoch(len(self.train), config.batch_size)
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
         counts = torch.bincount(self.train.labels, minlength=dataset.num_classes).float()
@@ -187,7 +191,7 @@ class Trainer:
             if mixing:
                 images, labels, partners, lam = mix(images, labels, config.mixup, config.cutmix, mix_generator)
             with autocast_for(device, config.precision):
-                logits = model(images)  # (B, classes)
+                logits = self.forward(images)  # (B, classes)
             loss = self.loss(logits.float(), labels)
             if mixing:
                 loss = lam * loss + (1 - lam) * self.loss(logits.float(), partners)
@@ -206,6 +210,33 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")
         bar.close()
         return float(loss_sum) / seen, float(correct) / seen * 100
+
+    def warm_up(self) -> float:
+        """Compile the training step for this run's batch sizes before any epoch is timed; returns seconds.
+
+        Forward and backward on real training images, then weights, BatchNorm statistics, gradients
+        and random state are put back, so a compiled run computes what an uncompiled one does.
+        """
+        if self.config.compile == "off":
+            return 0.0
+        _sync(self.device)
+        started = time.perf_counter()
+        saved_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        saved_rng = _rng_state(self.device)
+        sizes = {min(self.config.batch_size, len(self.train))}
+        if len(self.train) % self.config.batch_size >= 2:
+            sizes.add(len(self.train) % self.config.batch_size)  # the last, shorter batch of each epoch
+        self.model.train()
+        for size in sorted(sizes, reverse=True):
+            images = normalize(self.train.images[:size].unsqueeze(1).float(), **self.normalization)
+            with autocast_for(self.device, self.config.precision):
+                logits = self.forward(images)
+            self.loss(logits.float(), self.train.labels[:size]).backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.model.load_state_dict(saved_weights)
+        _set_rng_state(saved_rng, self.device)
+        _sync(self.device)
+        return time.perf_counter() - started
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
@@ -277,6 +308,7 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         if run_dir is None or not (run_dir / runs.LAST).is_file():
             raise KmnistError(f"nothing to resume: no {runs.LAST} in {run_dir}")
         start = trainer.restore(run_dir / runs.LAST) + 1
+    compile_seconds = trainer.warm_up() if start <= config.epochs else 0.0
     for epoch in range(start, config.epochs + 1):
         _sync(trainer.device)
         started = time.perf_counter()
@@ -294,6 +326,7 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
             "val_acc": val_acc, "val_bal_acc": val_bal_acc, "test_loss": test_loss, "test_acc": test_acc,
             "test_bal_acc": test_bal_acc, "lr": trainer.optimizer.param_groups[0]["lr"],
             "epoch_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
+            "compile_seconds": compile_seconds if epoch == start else 0.0,
         }
         # The dataset's score on validation (balanced accuracy for imbalanced K49) drives both the
         # plateau scheduler and the choice of best.pt.
