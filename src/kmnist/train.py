@@ -229,9 +229,14 @@ class Trainer:
         self.model.train()
         for size in sorted(sizes, reverse=True):
             images = normalize(self.train.images[:size].unsqueeze(1).float(), **self.normalization)
-            with autocast_for(self.device, self.config.precision):
-                logits = self.forward(images)
-            self.loss(logits.float(), self.train.labels[:size]).backward()
+            try:
+                with autocast_for(self.device, self.config.precision):
+                    logits = self.forward(images)
+                self.loss(logits.float(), self.train.labels[:size]).backward()
+            except Exception as error:  # e.g. no C++ compiler for inductor on a CPU: a reason, not a traceback
+                first_line = (str(error).strip().splitlines() or [""])[0][:300]
+                raise KmnistError(f"--compile {self.config.compile}: torch.compile failed ({type(error).__name__}: "
+                                  f"{first_line}); train without --compile") from error
         self.optimizer.zero_grad(set_to_none=True)
         self.model.load_state_dict(saved_weights)
         _set_rng_state(saved_rng, self.device)
