@@ -48,7 +48,7 @@ def per_sample_loader(trainer: Trainer, epoch: int) -> DataLoader:
 
 def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_batches: int | None = None,
                    pipelines: tuple[str, ...] = ("tensor", "per-sample"),
-                   baseline_precision: str = "fp32") -> dict[str, Any]:
+                   baseline_precision: str = "fp32", progress: bool = False) -> dict[str, Any]:
     """Seconds per training epoch of each pipeline, interleaved so machine noise hits both alike.
 
     "tensor" is kmnist's loop with the config as given; "per-sample" is a torchvision-style pipeline
@@ -72,12 +72,16 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     full = trainers["tensor"].steps_per_epoch
     steps = min(full, max_batches) if max_batches else full
     times: dict[str, list[float]] = {name: [] for name in pipelines}
+    bar = _bar(len(trainers) + repeats * len(pipelines), "timing training epochs", progress)
     compile_seconds = trainers["tensor"].warm_up()
-    for trainer in trainers.values():
+    for name, trainer in trainers.items():
+        bar.set_postfix(warm_up=name)
         trainer.steps_per_epoch = steps
         trainer.train_epoch(0, progress=False, batches=_take(trainer.batches(0), min(steps, 20)))  # warm-up
+        bar.update()
     for repeat in range(repeats):
         for name in pipelines:
+            bar.set_postfix(pipeline=name, repeat=repeat + 1)
             trainer = trainers[name]
             source = (iter(per_sample_loader(trainer, repeat + 1)) if name == "per-sample"
                       else trainer.batches(repeat + 1))
@@ -86,6 +90,8 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
             trainer.train_epoch(repeat + 1, progress=False, batches=_take(source, steps))
             _sync(trainer.device)
             times[name].append((time.perf_counter() - started) * full / steps)
+            bar.update()
+    bar.close()
     medians = {name: statistics.median(values) for name, values in times.items()}
     result: dict[str, Any] = {"epoch_seconds": times, "median_epoch_seconds": medians, "repeats": repeats,
                               "batches_timed_per_epoch": steps, "batches_per_epoch": full,
@@ -97,6 +103,13 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
         result["compile"] = {"mode": config.compile, "warm_up_seconds": compile_seconds,
                              "speedup_over_eager": medians["eager"] / medians["tensor"]}
     return result
+
+
+def _bar(total: int, what: str, progress: bool):
+    from tqdm import tqdm
+
+    # Timed work is minutes long on a CPU: a bar says where it is (on stderr, outside the timed regions' output).
+    return tqdm(total=total, desc=what, leave=False, disable=None if progress else True, dynamic_ncols=True)
 
 
 def _take(iterator, count: int):
@@ -126,14 +139,15 @@ def time_inference(model: torch.nn.Module, images: torch.Tensor, mean: float, st
 
 
 def run_benchmark(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_batches: int | None = None,
-                  compare: bool = True, baseline_precision: str = "fp32") -> dict[str, Any]:
+                  compare: bool = True, baseline_precision: str = "fp32", progress: bool = False) -> dict[str, Any]:
     """Training epoch (ours and, with compare, the per-sample pipeline), evaluation and inference speed."""
     from kmnist.metrics import predict_logits
 
     pipelines = ("tensor", "per-sample") if compare else ("tensor",)
-    result = time_pipelines(config, dataset, repeats, max_batches, pipelines, baseline_precision)
+    result = time_pipelines(config, dataset, repeats, max_batches, pipelines, baseline_precision, progress)
     trainer = Trainer(config, dataset)
     model, stats = trainer.eval_model, trainer.normalization
+    bar = _bar(3, "timing evaluation and inference", progress)
     evaluation = []
     for _ in range(repeats):
         _sync(trainer.device)
@@ -142,17 +156,19 @@ def run_benchmark(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_b
                        **stats)
         _sync(trainer.device)
         evaluation.append(time.perf_counter() - started)
+    bar.update()
     epoch = result["median_epoch_seconds"]["tensor"]
     result.update({
         "train_images_per_second": len(trainer.train) / epoch,
         "eval_seconds": statistics.median(evaluation),
         "eval_images": len(trainer.test),
-        "infer_images_per_second_batch1": time_inference(model, trainer.test.images, batch_size=1, count=500,
-                                                         precision=config.precision, repeats=repeats, **stats),
-        "infer_images_per_second_batch1024": time_inference(model, trainer.test.images, batch_size=1024,
-                                                            count=len(trainer.test), precision=config.precision,
-                                                            repeats=repeats, **stats),
     })
+    for batch_size, count in ((1, 500), (1024, len(trainer.test))):
+        result[f"infer_images_per_second_batch{batch_size}"] = time_inference(
+            model, trainer.test.images, batch_size=batch_size, count=count, precision=config.precision,
+            repeats=repeats, **stats)
+        bar.update()
+    bar.close()
     return result
 
 

@@ -255,7 +255,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "
           f"{args.repeats} run(s) of each measurement", flush=True)
     result = bench.run_benchmark(config, dataset, args.repeats, args.max_batches, compare=not args.no_compare,
-                                 baseline_precision=args.baseline_precision)
+                                 baseline_precision=args.baseline_precision, progress=show_progress(args))
     env = environment()
     result.update(name=name, config=config.to_dict(), precision=config.precision, hardware=hardware_summary(env),
                   environment=env, git_revision=env["git_revision"], date=time.strftime("%Y-%m-%d"))
