@@ -99,14 +99,19 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["train", "--config", "/no/such/file.toml"], "config file not found"),
     (["evaluate", "/no/such/checkpoint.pt"], "checkpoint not found"),
 ])
-def test_bad_options_give_one_line(args: list[str], fragment: str, data_dir: Path, capsys) -> None:
+def test_bad_options_give_one_line(args: list[str], fragment: str, data_dir: Path, tmp_path: Path, monkeypatch,
+                                   capsys) -> None:
+    monkeypatch.chdir(tmp_path)
     code, _, err = run_cli([*args, "--data-dir", str(data_dir), "--skip-md5"] if args[0] == "train" else args, capsys)
     assert_one_line_error(code, err, fragment)
+    assert not (tmp_path / "runs").exists()
 
 
-def test_missing_data_offline(tmp_path: Path, offline: None, capsys) -> None:
+def test_missing_data_offline(tmp_path: Path, offline: None, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)  # where the default run directory (runs/...) would go
     code, _, err = run_cli(["train", "--data-dir", str(tmp_path / "empty"), "--no-progress"], capsys)
     assert_one_line_error(code, err, "files missing", "train-images-idx3-ubyte.gz", "put the official files in")
+    assert not (tmp_path / "runs").exists()  # a user mistake leaves no run directory behind
     code, _, err = run_cli(["download", "--data-dir", str(tmp_path / "empty"), "--no-progress"], capsys)
     assert_one_line_error(code, err, "files missing")
 
@@ -116,7 +121,7 @@ def test_bf16_on_a_cpu_without_bf16_units_is_warned_of(fast_bf16: bool, tmp_path
                                                        monkeypatch, capsys) -> None:
     monkeypatch.setattr("kmnist.metrics.has_fast_bf16", lambda: fast_bf16)
     code, _, err = run_cli(["train", "--precision", "bf16", "--device", "cpu", "--data-dir", str(tmp_path / "empty"),
-                            "--no-progress"], capsys)
+                            "--no-progress", "--out", str(tmp_path / "run")], capsys)
     assert code != 0 and "files missing" in err  # stops at the data, after the warning
     assert ("no bf16 matrix units" in err) is not fast_bf16
 

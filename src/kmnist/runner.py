@@ -20,7 +20,7 @@ from kmnist.runinfo import environment
 from kmnist.train import fit, select_device
 
 def prepare_run(config: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
-    """Check the run directory and write config.json; on resume, return the saved config instead."""
+    """Check the run directory (writing nothing); on resume, return the saved config instead."""
     run_dir = Path(run_dir)
     create_model(config.model, **config.model_args)  # a bad model name or argument fails before any work
     if resume:
@@ -30,8 +30,6 @@ def prepare_run(config: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig
         return dataclasses.replace(saved, **{name: getattr(config, name) for name in PLACEMENT_FIELDS})
     if (run_dir / runs.LAST).exists() or (run_dir / runs.METRICS).exists():
         raise KmnistError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    runs.write_json(run_dir / runs.CONFIG, config.to_dict())
     return config
 
 
@@ -43,6 +41,9 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
     config = prepare_run(config, run_dir, resume)
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir, check_md5=check_md5, progress=progress)
+    if not resume:  # only now: a user mistake found above (no data, a bad option) leaves no run directory behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runs.write_json(run_dir / runs.CONFIG, config.to_dict())
     if config.threads:  # before environment(), so environment.json records the threads the run uses
         torch.set_num_threads(config.threads)
     runs.write_json(run_dir / runs.ENVIRONMENT, environment())
