@@ -220,9 +220,11 @@ def test_bench_with_compile_times_the_uncompiled_loop_beside_it(data_dir: Path, 
     code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--repeats", "1",
                               "--max-batches", "2", "--val-size", "120", "--threads", "1", "--batch-size", "32",
                               "--model", "resnet-small", "--model-arg", "width=4", "--model-arg", "depth=0",
-                              "--compile", "default", "--json", str(tmp_path / "b.json")], capsys)
+                              "--compile", "default", "--json", str(tmp_path / "b.json"),
+                              "--markdown", str(tmp_path / "b.md")], capsys)
     assert code == 0, err
     result = json.loads((tmp_path / "b.json").read_text())
     assert set(result["median_epoch_seconds"]) == {"tensor", "eager", "per-sample"}
     assert result["compile"]["warm_up_seconds"] > 0 and result["compile"]["speedup_over_eager"] > 0
     assert "speed-up from compiling" in out
+    assert "| auto, compile default |" in (tmp_path / "b.md").read_text()

@@ -178,7 +178,9 @@ def markdown_row(result: dict[str, Any]) -> str:
     per_sample = medians.get("per-sample")
     recipe = result.get("recipe")
     return "| " + " | ".join([
-        result["date"], result["name"], result["precision"], result["hardware"],
+        result["date"], result["name"],
+        result["precision"] + (f", compile {result['compile']['mode']}" if "compile" in result else ""),
+        result["hardware"],
         f"{medians['tensor']:.1f}", f"{per_sample:.1f}" if per_sample else "-",
         f"{result['speedup']:.2f}x" if "speedup" in result else "-",
         f"{result['eval_seconds']:.2f}", f"{result['train_images_per_second']:.0f}",
