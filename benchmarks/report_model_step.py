@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kmnist.config import PRECISIONS
 from kmnist.cpu import keep_freed_memory
 from kmnist.metrics import autocast_for, uses_bf16
 from kmnist.models import create_model
@@ -88,7 +89,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60, help="timed steps per round (default 60)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds over all variants, interleaved (default 2)")
     parser.add_argument("--variants", default="eager,plain,inplace-relu,left-matmul,chunked-64,chunked-32,compile")
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="auto: bf16 autocast on CPUs with bf16 units, else fp32 (default)")
     parser.add_argument("--json", metavar="OUT", help="also write the results as JSON")
     args = parser.parse_args()

@@ -223,9 +223,9 @@ class Trainer:
         started = time.perf_counter()
         saved_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         saved_rng = _rng_state(self.device)
-        sizes = {min(self.config.batch_size, len(self.train))}
-        if len(self.train) % self.config.batch_size >= 2:
-            sizes.add(len(self.train) % self.config.batch_size)  # the last, shorter batch of each epoch
+        # The sizes `batches` yields: the first batch's and the last's (shorter where the split does not divide).
+        size, last = self.config.batch_size, self.steps_per_epoch - 1
+        sizes = {min(size, len(self.train) - step * size) for step in (0, last)}
         self.model.train()
         for size in sorted(sizes, reverse=True):
             images = normalize(self.train.images[:size].unsqueeze(1).float(), **self.normalization)
