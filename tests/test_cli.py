@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kmnist import runs
+from kmnist import cli, runs
 from kmnist.cli import main
 
 SMALL = ["--epochs", "2", "--val-size", "100", "--batch-size", "64", "--threads", "1", "--no-progress",
@@ -38,6 +38,9 @@ def test_train_then_evaluate(data_dir: Path, tmp_path: Path, capsys) -> None:
                              capsys)
     assert code == 0, err
     assert "test accuracy at that epoch" in out and "test-selected" in out
+    table = [line.split() for line in out.splitlines() if line.split()[:1] in (["epoch"], ["1"], ["2"])]
+    assert table[0][-1] == "left" and len(table) == 3
+    assert table[2][-1] == "0:00:00"  # after the last epoch nothing is left
     for name in ("config.json", "metrics.csv", "summary.json", "environment.json", "best.pt", "last.pt",
                  "learning_curves.png", "confusion_matrix.png", "confident_mistakes.png", runs.PREDICTIONS):
         assert (run_dir / name).is_file(), name
@@ -228,3 +231,9 @@ def test_bench_with_compile_times_the_uncompiled_loop_beside_it(data_dir: Path, 
     assert result["compile"]["warm_up_seconds"] > 0 and result["compile"]["speedup_over_eager"] > 0
     assert "speed-up from compiling" in out
     assert "| auto, compile default |" in (tmp_path / "b.md").read_text()
+
+
+def test_time_left_is_the_mean_pace_times_the_epochs_to_go() -> None:
+    assert cli.time_left([10.0, 20.0], epoch=2, epochs=5) == 45.0
+    assert cli.time_left([7.0], epoch=4, epochs=4) == 0.0  # resumed at the last epoch: only this process's pace
+    assert cli.format_duration(3725.9) == "1:02:05"

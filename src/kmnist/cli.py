@@ -201,15 +201,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     progress = show_progress(args)
     print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "
           f"run directory {run_dir}", flush=True)
-    header_printed = False
     columns = BALANCED_EPOCH_COLUMNS if is_balanced(config.dataset) else EPOCH_COLUMNS
+    spent: list[float] = []  # seconds per epoch of this process, evaluation included
 
     def on_epoch(row: dict[str, Any]) -> None:
-        nonlocal header_printed
-        if not header_printed:
-            tqdm.write(format_header(columns))
-            header_printed = True
-        tqdm.write(format_row(row, columns))
+        if not spent:
+            tqdm.write(format_header(columns) + f" {'left':>8}")
+        spent.append(row["epoch_seconds"] + row["eval_seconds"])
+        tqdm.write(format_row(row, columns) + f" {format_duration(time_left(spent, row['epoch'], config.epochs)):>8}")
 
     try:
         summary = train_run(config, run_dir, data_dir, resume=bool(args.resume), progress=progress,
@@ -364,6 +363,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run_server(args.checkpoint, options, host=args.host, port=args.port, threads=args.threads,
                       access_log=args.access_log)
 
+
+
+def time_left(spent: Sequence[float], epoch: int, epochs: int) -> float:
+    """Seconds the remaining epochs should take at the mean pace of those timed so far."""
+    return sum(spent) / len(spent) * (epochs - epoch)
 
 
 def format_duration(seconds: float | None) -> str:
