@@ -197,6 +197,23 @@ def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:
     assert code == 0, err
     result = json.loads(out)
     assert result["tta_views"] == 5 and len(result["checkpoints"]) == 2
+    # What the ensemble adds, from each member scored alone with the same views.
+    alone = []
+    for checkpoint in runs_made:
+        code, out_alone, err = run_cli(["evaluate", checkpoint, "--data-dir", str(data_dir), "--skip-md5", "--tta",
+                                        "5", "--json", "--out", str(tmp_path / "alone")], capsys)
+        assert code == 0, err
+        alone.append(json.loads(out_alone)["accuracy"])
+        assert "members" not in json.loads(out_alone)
+    assert [m["accuracy"] for m in result["members"]] == pytest.approx(alone)
+    assert result["gain_over_best_member"] == pytest.approx(result["accuracy"] - max(alone))
+    assert result["gain_over_member_mean"] == pytest.approx(result["accuracy"] - sum(alone) / 2)
+    wrong = 100 - min(alone)  # percent of images the worse member gets wrong bounds those both get wrong
+    assert 0 <= result["errors_shared_by_all_members"] <= round(wrong * result["count"] / 100)
+    code, out, err = run_cli(["evaluate", *runs_made, "--data-dir", str(data_dir), "--skip-md5", "--out",
+                              str(tmp_path / "ens")], capsys)
+    assert code == 0, err
+    assert "members alone" in out and "over the best" in out
     assert (tmp_path / "ens" / "metrics.json").is_file()
     code, _, err = run_cli(["evaluate", runs_made[0], "--data-dir", str(data_dir), "--skip-md5", "--tta", "20"],
                            capsys)
@@ -237,3 +254,13 @@ def test_time_left_is_the_mean_pace_times_the_epochs_to_go() -> None:
     assert cli.time_left([10.0, 20.0], epoch=2, epochs=5) == 45.0
     assert cli.time_left([7.0], epoch=4, epochs=4) == 0.0  # resumed at the last epoch: only this process's pace
     assert cli.format_duration(3725.9) == "1:02:05"
+
+
+def test_ensemble_gain_counts_what_members_get_wrong() -> None:
+    from kmnist.evaluate import ensemble_gain
+
+    wrong = [torch.tensor([True, False, True, False]), torch.tensor([True, True, False, False])]
+    gain = ensemble_gain(75.0, wrong, ["a.pt", "b.pt"])
+    assert [m["accuracy"] for m in gain["members"]] == [50.0, 50.0]
+    assert gain["errors_shared_by_all_members"] == 1  # only the first image
+    assert gain["gain_over_best_member"] == 25.0 and gain["gain_over_member_mean"] == 25.0

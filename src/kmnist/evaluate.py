@@ -38,14 +38,16 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
     else:
         images_labels = dataset.test
     target = select_device(device)
+    labels = images_labels.labels
     probabilities = torch.zeros(len(images_labels), len(first["class_names"]))
+    member_wrong = []  # (images,) bool per checkpoint: what each member alone gets wrong
     for model, payload in zip(models, payloads):
         logits = predict_logits(model.to(target), images_labels.images, batch_size=batch_size, tta=tta,
                                 **payload["normalization"])
         probabilities += torch.softmax(logits, dim=1).cpu()
+        member_wrong.append(logits.argmax(dim=1).cpu() != labels)
     probabilities /= len(models)
     predicted = probabilities.argmax(dim=1)
-    labels = images_labels.labels
     confusion = confusion_matrix(predicted, labels, len(first["class_names"]))
     out = Path(out) if out else Path(paths[0]).parent / f"evaluation-{split}"
     png = plots.confusion_matrix(confusion.numpy(), first["class_names"], out / "confusion_matrix.png",
@@ -63,5 +65,20 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         "confusion_matrix": confusion.tolist(),
         "confusion_matrix_png": str(png),
     }
+    if len(models) > 1:
+        result.update(ensemble_gain(result["accuracy"], member_wrong, paths))
     runs.write_json(out / "metrics.json", result)
     return result
+
+
+def ensemble_gain(accuracy_: float, member_wrong: Sequence[torch.Tensor], paths: Sequence[str | Path]) -> dict:
+    """What an ensemble adds: each member's own accuracy (same views), and the errors all members share."""
+    member_accuracies = [float((~wrong).float().mean()) * 100 for wrong in member_wrong]
+    shared = torch.stack(list(member_wrong)).all(dim=0)
+    return {
+        "members": [{"checkpoint": str(path), "accuracy": acc} for path, acc in zip(paths, member_accuracies)],
+        "best_member_accuracy": max(member_accuracies),
+        "gain_over_best_member": accuracy_ - max(member_accuracies),
+        "gain_over_member_mean": accuracy_ - sum(member_accuracies) / len(member_accuracies),
+        "errors_shared_by_all_members": int(shared.sum()),
+    }
