@@ -206,8 +206,8 @@ def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:
         alone.append(json.loads(out_alone)["accuracy"])
         assert "members" not in json.loads(out_alone)
     assert [m["accuracy"] for m in result["members"]] == pytest.approx(alone)
-    assert result["gain_over_best_member"] == pytest.approx(result["accuracy"] - max(alone))
-    assert result["gain_over_member_mean"] == pytest.approx(result["accuracy"] - sum(alone) / 2)
+    assert result["gain_over_best_member_accuracy"] == pytest.approx(result["accuracy"] - max(alone))
+    assert result["gain_over_member_mean_accuracy"] == pytest.approx(result["accuracy"] - sum(alone) / 2)
     wrong = 100 - min(alone)  # percent of images the worse member gets wrong bounds those both get wrong
     assert 0 <= result["errors_shared_by_all_members"] <= round(wrong * result["count"] / 100)
     code, out, err = run_cli(["evaluate", *runs_made, "--data-dir", str(data_dir), "--skip-md5", "--out",
@@ -259,8 +259,13 @@ def test_time_left_is_the_mean_pace_times_the_epochs_to_go() -> None:
 def test_ensemble_gain_counts_what_members_get_wrong() -> None:
     from kmnist.evaluate import ensemble_gain
 
-    wrong = [torch.tensor([True, False, True, False]), torch.tensor([True, True, False, False])]
-    gain = ensemble_gain(75.0, wrong, ["a.pt", "b.pt"])
+    labels = torch.tensor([0, 0, 0, 1])
+    predictions = [torch.tensor([1, 0, 1, 1]), torch.tensor([1, 1, 0, 1])]  # both wrong on the first image only
+    ensemble = {"accuracy": 75.0, "balanced_accuracy": 100 * (2 / 3 + 1) / 2, "per_class_accuracy": {"a": 0, "b": 0}}
+    gain = ensemble_gain(ensemble, predictions, labels, ["a.pt", "b.pt"])
     assert [m["accuracy"] for m in gain["members"]] == [50.0, 50.0]
-    assert gain["errors_shared_by_all_members"] == 1  # only the first image
-    assert gain["gain_over_best_member"] == 25.0 and gain["gain_over_member_mean"] == 25.0
+    # Balanced: class 0 right 1 of 3 and class 1 right 1 of 1 -> (33.3 + 100) / 2 for each member.
+    assert [m["balanced_accuracy"] for m in gain["members"]] == pytest.approx([100 * (1 / 3 + 1) / 2] * 2)
+    assert gain["errors_shared_by_all_members"] == 1
+    assert gain["gain_over_best_member_accuracy"] == 25.0 and gain["gain_over_member_mean_accuracy"] == 25.0
+    assert gain["gain_over_best_member_balanced_accuracy"] == pytest.approx(100 / 6)  # 83.3 - 66.7

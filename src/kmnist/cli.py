@@ -236,10 +236,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"  accuracy           {result['accuracy']:.2f}%")
     print(f"  balanced accuracy  {result['balanced_accuracy']:.2f}%")
     if "members" in result:
-        print("  members alone      " + ", ".join(f"{m['accuracy']:.2f}%" for m in result["members"])
-              + f" (the ensemble adds {result['gain_over_best_member']:+.2f} points over the best, "
-              f"{result['gain_over_member_mean']:+.2f} over their mean; "
-              f"{result['errors_shared_by_all_members']} images all get wrong)")
+        for score, name in (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy")):
+            print(f"  members alone      {name}: " + ", ".join(f"{m[score]:.2f}%" for m in result["members"])
+                  + f"; the ensemble adds {result['gain_over_best_member_' + score]:+.2f} points over the best, "
+                  f"{result['gain_over_member_mean_' + score]:+.2f} over their mean")
+        print(f"  wrong in every member  {result['errors_shared_by_all_members']} of {result['count']} images")
     print("  per class          " + "  ".join(f"{name} {acc:.1f}" for name, acc in result["per_class_accuracy"].items()))
     print(f"  confusion matrix   {result['confusion_matrix_png']}")
     return 0

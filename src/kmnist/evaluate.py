@@ -40,12 +40,12 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
     target = select_device(device)
     labels = images_labels.labels
     probabilities = torch.zeros(len(images_labels), len(first["class_names"]))
-    member_wrong = []  # (images,) bool per checkpoint: what each member alone gets wrong
+    member_predictions = []  # (images,) per checkpoint: what each member alone predicts
     for model, payload in zip(models, payloads):
         logits = predict_logits(model.to(target), images_labels.images, batch_size=batch_size, tta=tta,
                                 **payload["normalization"])
         probabilities += torch.softmax(logits, dim=1).cpu()
-        member_wrong.append(logits.argmax(dim=1).cpu() != labels)
+        member_predictions.append(logits.argmax(dim=1).cpu())
     probabilities /= len(models)
     predicted = probabilities.argmax(dim=1)
     confusion = confusion_matrix(predicted, labels, len(first["class_names"]))
@@ -66,19 +66,28 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         "confusion_matrix_png": str(png),
     }
     if len(models) > 1:
-        result.update(ensemble_gain(result["accuracy"], member_wrong, paths))
+        result.update(ensemble_gain(result, member_predictions, labels, paths))
     runs.write_json(out / "metrics.json", result)
     return result
 
 
-def ensemble_gain(accuracy_: float, member_wrong: Sequence[torch.Tensor], paths: Sequence[str | Path]) -> dict:
-    """What an ensemble adds: each member's own accuracy (same views), and the errors all members share."""
-    member_accuracies = [float((~wrong).float().mean()) * 100 for wrong in member_wrong]
-    shared = torch.stack(list(member_wrong)).all(dim=0)
-    return {
-        "members": [{"checkpoint": str(path), "accuracy": acc} for path, acc in zip(paths, member_accuracies)],
-        "best_member_accuracy": max(member_accuracies),
-        "gain_over_best_member": accuracy_ - max(member_accuracies),
-        "gain_over_member_mean": accuracy_ - sum(member_accuracies) / len(member_accuracies),
-        "errors_shared_by_all_members": int(shared.sum()),
-    }
+def ensemble_gain(ensemble: dict[str, Any], member_predictions: Sequence[torch.Tensor], labels: torch.Tensor,
+                  paths: Sequence[str | Path]) -> dict[str, Any]:
+    """What an ensemble adds: each member scored alone (same views), and the errors all members share.
+
+    Gains are given in accuracy and in balanced accuracy (K49's score), over the best member by that score.
+    """
+    classes = len(ensemble["per_class_accuracy"])
+    members = []
+    for path, predicted in zip(paths, member_predictions):
+        confusion = confusion_matrix(predicted, labels, classes)
+        members.append({"checkpoint": str(path), "accuracy": accuracy(predicted, labels),
+                        "balanced_accuracy": balanced_accuracy(confusion)})
+    gains = {}
+    for score in ("accuracy", "balanced_accuracy"):
+        scores = [member[score] for member in members]
+        gains[f"best_member_{score}"] = max(scores)
+        gains[f"gain_over_best_member_{score}"] = ensemble[score] - max(scores)
+        gains[f"gain_over_member_mean_{score}"] = ensemble[score] - sum(scores) / len(scores)
+    shared = torch.stack([predicted != labels for predicted in member_predictions]).all(dim=0)
+    return {"members": members, **gains, "errors_shared_by_all_members": int(shared.sum())}
