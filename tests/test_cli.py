@@ -261,8 +261,8 @@ def test_ensemble_gain_counts_what_members_get_wrong() -> None:
 
     labels = torch.tensor([0, 0, 0, 1])
     predictions = [torch.tensor([1, 0, 1, 1]), torch.tensor([1, 1, 0, 1])]  # both wrong on the first image only
-    ensemble = {"accuracy": 75.0, "balanced_accuracy": 100 * (2 / 3 + 1) / 2, "per_class_accuracy": {"a": 0, "b": 0}}
-    gain = ensemble_gain(ensemble, predictions, labels, ["a.pt", "b.pt"])
+    ensemble = {"accuracy": 75.0, "balanced_accuracy": 100 * (2 / 3 + 1) / 2}
+    gain = ensemble_gain(ensemble, predictions, labels, 2, ["a.pt", "b.pt"])
     assert [m["accuracy"] for m in gain["members"]] == [50.0, 50.0]
     # Balanced: class 0 right 1 of 3 and class 1 right 1 of 1 -> (33.3 + 100) / 2 for each member.
     assert [m["balanced_accuracy"] for m in gain["members"]] == pytest.approx([100 * (1 / 3 + 1) / 2] * 2)

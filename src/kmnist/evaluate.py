@@ -66,18 +66,17 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         "confusion_matrix_png": str(png),
     }
     if len(models) > 1:
-        result.update(ensemble_gain(result, member_predictions, labels, paths))
+        result.update(ensemble_gain(result, member_predictions, labels, len(first["class_names"]), paths))
     runs.write_json(out / "metrics.json", result)
     return result
 
 
 def ensemble_gain(ensemble: dict[str, Any], member_predictions: Sequence[torch.Tensor], labels: torch.Tensor,
-                  paths: Sequence[str | Path]) -> dict[str, Any]:
+                  classes: int, paths: Sequence[str | Path]) -> dict[str, Any]:
     """What an ensemble adds: each member scored alone (same views), and the errors all members share.
 
     Gains are given in accuracy and in balanced accuracy (K49's score), over the best member by that score.
     """
-    classes = len(ensemble["per_class_accuracy"])
     members = []
     for path, predicted in zip(paths, member_predictions):
         confusion = confusion_matrix(predicted, labels, classes)
