@@ -13,6 +13,8 @@ seconds, and the JSON is rewritten after each step, so a cut-off call keeps what
   5. `kmnist bench` of `cnn-fast-cpu`, compiled with CUDA graphs beside eager and the per-sample pipeline;
   6. if the budget allows, step 2 again without compiling.
 
+--steps picks other groups and orders (e.g. the fast recipe on all 60,000 training images,
+`fast-compiled-all-data`, or the report's model compiled, `bench-report-final-compiled`).
 No step starts after --budget seconds; at --deadline seconds (set it inside the call's time limit)
 whatever has finished, and the epochs so far of the step in progress, are written out and the
 script exits, so a step that runs long costs its own result only.
@@ -53,6 +55,8 @@ from kmnist.cli import main as kmnist
 # --smoke: the same steps on a CPU in a few minutes, to check this script before a GPU is lent.
 SMOKE_BENCH = ["--max-batches", "3", "--repeats", "1"]
 SMOKE_TRAIN = ["--epochs", "1", "--model-arg", "width=8"]
+# In order of what the issues need most; later steps are the first to go when time runs short.
+DEFAULT_STEPS = "bench-report-final,fast-compiled-first,cnn-best,fast-compiled-rest,bench-cnn-fast-cpu,fast-eager"
 COMPILE = "reduce-overhead"  # torch.compile with CUDA graphs: launch overhead is what bounds small models on a GPU
 
 
@@ -94,6 +98,8 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=540,
                         help="seconds after which the results so far are written out and the script exits")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the fixed fast recipe (default 3)")
+    parser.add_argument("--steps", default=DEFAULT_STEPS,
+                        help=f"comma-separated step groups, in order (default {DEFAULT_STEPS})")
     parser.add_argument("--smoke", action="store_true", help="tiny steps, to check the script on a CPU")
     args = parser.parse_args()
     if args.seeds < 1 or args.budget <= 0 or args.deadline <= 0:
@@ -107,23 +113,38 @@ def main() -> int:
     bench_extra = SMOKE_BENCH if args.smoke else ["--repeats", "3", "--max-batches", "100"]
     train_extra = SMOKE_TRAIN if args.smoke else []
 
-    def fast(seed: int, compiled: bool) -> tuple[str, list[str]]:
-        name = f"cnn-fast-cpu{' compiled' if compiled else ''} seed {seed}"
-        run_dir = scratch / f"cnn-fast-cpu{'-compiled' if compiled else ''}-s{seed}"
-        return name, ["train", "--preset", "cnn-fast-cpu", "--seed", str(seed), *(["--compile", COMPILE] if compiled else []),
-                      *common, *train_extra, "--out", str(run_dir)]
+    def fast(seed: int, compiled: bool, all_data: bool = False) -> tuple[str, list[str]]:
+        tag = ("-compiled" if compiled else "") + ("-all-data" if all_data else "")
+        return f"cnn-fast-cpu{tag.replace('-', ' ')} seed {seed}", [
+            "train", "--preset", "cnn-fast-cpu", "--seed", str(seed), *(["--compile", COMPILE] if compiled else []),
+            *(["--val-size", "0"] if all_data else []), *common, *train_extra,
+            "--out", str(scratch / f"cnn-fast-cpu{tag}-s{seed}")]
 
-    # In order of what the issues need most; later steps are the first to go when time runs short.
-    steps: list[tuple[str, list[str]]] = [
-        ("bench report-final", ["bench", *common, *bench_extra, "--json", str(out / "bench-report-final.json")]),
-        fast(0, compiled=True),
-        ("cnn-best seed 0", ["train", "--preset", "cnn-best", "--seed", "0", *common, *train_extra,
-                             "--out", str(scratch / "cnn-best-s0")]),
-        *(fast(seed, compiled=True) for seed in range(1, args.seeds)),
-        ("bench cnn-fast-cpu", ["bench", "--preset", "cnn-fast-cpu", *common, *bench_extra, "--compile", COMPILE,
-                                "--json", str(out / "bench-cnn-fast-cpu.json")]),
-        *(fast(seed, compiled=False) for seed in range(args.seeds)),
-    ]
+    def bench(preset: str, compiled: bool) -> tuple[str, list[str]]:
+        name = f"bench-{preset}{'-compiled' if compiled else ''}"
+        return name.replace("-", " ", 1), ["bench", "--preset", preset, *common, *bench_extra,
+                                           *(["--compile", COMPILE] if compiled else []),
+                                           "--json", str(out / f"{name}.json")]
+
+    seeds = range(args.seeds)
+    groups: dict[str, list[tuple[str, list[str]]]] = {
+        "bench-report-final": [bench("report-final", compiled=False)],
+        "bench-report-final-compiled": [bench("report-final", compiled=True)],
+        "bench-cnn-fast-cpu": [bench("cnn-fast-cpu", compiled=True)],
+        "fast-compiled-first": [fast(0, compiled=True)],
+        "fast-compiled-rest": [fast(seed, compiled=True) for seed in seeds[1:]],
+        "fast-compiled": [fast(seed, compiled=True) for seed in seeds],
+        # The fixed recipe on all 60,000 training images: nothing is chosen, the last epoch is the result.
+        "fast-compiled-all-data": [fast(seed, compiled=True, all_data=True) for seed in seeds],
+        "fast-eager": [fast(seed, compiled=False) for seed in seeds],
+        "fast-eager-all-data": [fast(seed, compiled=False, all_data=True) for seed in seeds],
+        "cnn-best": [("cnn-best seed 0", ["train", "--preset", "cnn-best", "--seed", "0", *common, *train_extra,
+                                          "--out", str(scratch / "cnn-best-s0")])],
+    }
+    unknown = [name for name in args.steps.split(",") if name not in groups]
+    if unknown:
+        parser.error(f"unknown step group(s) {', '.join(unknown)}; known: {', '.join(groups)}")
+    steps = [step for name in args.steps.split(",") for step in groups[name]]
     report: dict = {"smoke": args.smoke, "machine": machine(args.device), "steps": {}}
     lock = threading.Lock()
     started = time.perf_counter()
@@ -136,16 +157,19 @@ def main() -> int:
         """The project's tables of the finished runs, the files that come back, and the summary on screen."""
         finished = [Path(step["command"][-1]) for step in report["steps"].values()
                     if step.get("command", [None, "train"])[1] == "train" and "summary" in step]
-        # Compiled runs get their own table: `kmnist report` counts them as repeats of the eager ones.
-        for suffix, run_dirs in (("", [d for d in finished if "compiled" not in d.name]),
-                                 ("-compiled", [d for d in finished if "compiled" in d.name])):
+        # One table per kind of run: `kmnist report` would count compiled runs as repeats of eager ones.
+        kinds = {"": [], "-compiled": [], "-all-data": []}
+        for run_dir in finished:
+            kinds["-all-data" if "all-data" in run_dir.name else "-compiled" if "compiled" in run_dir.name
+                  else ""].append(run_dir)
+        for suffix, run_dirs in kinds.items():
             if run_dirs:
                 report["steps"]["report" + suffix] = run_step(
                     "report" + suffix, ["report", *map(str, run_dirs), "--out", str(scratch / f"report{suffix}")], log)
                 save()
-        for suffix, name in (("", "results.md"), ("", "report.html"), ("-compiled", "results.md")):
-            if (scratch / f"report{suffix}" / name).is_file():
-                shutil.copy(scratch / f"report{suffix}" / name, out / name.replace(".", f"{suffix}.", 1))
+            for name in ("results.md", "report.html") if suffix == "" else ("results.md",):
+                if (scratch / f"report{suffix}" / name).is_file():
+                    shutil.copy(scratch / f"report{suffix}" / name, out / name.replace(".", f"{suffix}.", 1))
         print_table(report, out)
         log.flush()
 
@@ -232,8 +256,10 @@ def print_table(report: dict, out: Path) -> None:
         line = f"{name:<22} exit {step['exit_code']}, {step['seconds']:.0f} s"
         summary = step.get("summary")
         if summary:
-            line += (f"; training {summary['train_seconds']:.1f} s, test at best val {summary['test_acc_at_best_val']:.2f}%"
-                     f", final epoch {summary['final_test_acc']:.2f}%")
+            honest = summary["test_acc_at_best_val"]
+            line += (f"; training {summary['train_seconds']:.1f} s"
+                     + (f", test at best val {honest:.2f}%" if honest is not None else ", no validation split")
+                     + f", final epoch {summary['final_test_acc']:.2f}%")
             if summary.get("compile_seconds"):
                 line += f", compiling {summary['compile_seconds']:.0f} s"
         print(line)

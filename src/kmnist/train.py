@@ -190,12 +190,13 @@ class Trainer:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if mixing:
                 images, labels, partners, lam = mix(images, labels, config.mixup, config.cutmix, mix_generator)
+            self.optimizer.zero_grad(set_to_none=True)
+            self._mark_step()
             with autocast_for(device, config.precision):
                 logits = self.forward(images)  # (B, classes)
             loss = self.loss(logits.float(), labels)
             if mixing:
                 loss = lam * loss + (1 - lam) * self.loss(logits.float(), partners)
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
             if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
@@ -229,6 +230,10 @@ class Trainer:
         self.model.train()
         for size in sorted(sizes, reverse=True):
             images = normalize(self.train.images[:size].unsqueeze(1).float(), **self.normalization)
+            # Fresh gradients for each size, as in training: with CUDA graphs (reduce-overhead) the first
+            # size's gradients live in its graph's memory, which the next size's replay may overwrite.
+            self.optimizer.zero_grad(set_to_none=True)
+            self._mark_step()
             try:
                 with autocast_for(self.device, self.config.precision):
                     logits = self.forward(images)
@@ -242,6 +247,11 @@ class Trainer:
         _set_rng_state(saved_rng, self.device)
         _sync(self.device)
         return time.perf_counter() - started
+
+    def _mark_step(self) -> None:
+        """A new training step begins: CUDA graphs (--compile reduce-overhead) may reuse the last step's memory."""
+        if self.config.compile == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits, labels, weight=self.class_weights, label_smoothing=self.config.label_smoothing)
