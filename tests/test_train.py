@@ -136,15 +136,19 @@ def test_allocator_setting_is_applied_once_and_harmless() -> None:
     assert torch.ones(3).sum() == 3
 
 
-def test_compiled_training_computes_what_eager_training_does(tiny_dataset, tmp_path: Path) -> None:
-    # torch.compile (inductor on the CPU) fuses ops, so the fp32 sums may differ in the last bits, not more.
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_compiled_training_computes_what_eager_training_does(tiny_dataset, tmp_path: Path, precision: str) -> None:
+    # torch.compile (inductor on the CPU) fuses ops, so the fp32 sums may differ in the last bits, not more;
+    # in bf16 it rounds at other places than eager autocast does. (Its backward of a bf16 amax once gave
+    # NaN gradients from the first step: the small ResNet pools in fp32.)
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 1, "val_size": 120, "model": "resnet-small",
-                            "model_args": {"width": 4, "depth": 0}, "translate": 1.0})
+                            "model_args": {"width": 4, "depth": 0}, "translate": 1.0, "precision": precision})
     eager = fit(config, tiny_dataset, progress=False)
     compiled = fit(TrainConfig(**{**config.to_dict(), "compile": "default"}), tiny_dataset, tmp_path, progress=False)
     assert eager[0]["compile_seconds"] == 0 and compiled[0]["compile_seconds"] > 0
-    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=1e-3)
-    assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=1e-3)  # BatchNorm statistics too
+    tolerance = 1e-3 if precision == "fp32" else 3e-2
+    assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=tolerance)
+    assert compiled[0]["val_loss"] == pytest.approx(eager[0]["val_loss"], rel=tolerance)  # BatchNorm statistics too
     # The checkpoint holds the plain module's weights, loadable without compiling anything.
     payload = load_checkpoint(tmp_path / runs.LAST)
     assert not any(key.startswith("_orig_mod") for key in payload["state_dict"])

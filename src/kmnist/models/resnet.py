@@ -88,4 +88,6 @@ class SmallResNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, classes)
         x = self.stages(self.stem(images))  # (B, 8w, 3, 3)
-        return self.head(self.dropout(x.amax(dim=(2, 3))))
+        # Global max pool in fp32: the same maxima and ties as in bf16 (the upcast is exact), but torch.compile's
+        # backward of a bf16 amax gave NaN gradients from the first step (seen with torch 2.11 and 2.13).
+        return self.head(self.dropout(x.float().amax(dim=(2, 3))))
