@@ -91,6 +91,25 @@ def test_ema_changes_what_is_evaluated(tiny_dataset) -> None:
     assert plain[0]["val_loss"] != averaged[0]["val_loss"]  # different weights evaluated
 
 
+def test_weight_average_averages_batchnorm_statistics_like_weights() -> None:
+    from kmnist.train import WeightAverage
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3), torch.nn.BatchNorm2d(2))
+    average = WeightAverage(model, decay=0.9)
+    average.updates = 100  # past the short-memory start: the decay is 0.9
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+        model[1].running_mean.fill_(2.0)  # the average starts from 0
+        model[1].running_var.fill_(3.0)  # and from 1
+    model[1].num_batches_tracked.fill_(7)
+    averaged_weight = 0.9 * average.model[0].weight + 0.1 * model[0].weight
+    average.update(model)
+    torch.testing.assert_close(average.model[0].weight, averaged_weight)
+    torch.testing.assert_close(average.model[1].running_mean, torch.full((2,), 0.2))
+    torch.testing.assert_close(average.model[1].running_var, torch.full((2,), 1.2))
+    assert int(average.model[1].num_batches_tracked) == 7  # a counter is copied, not averaged
+
+
 def test_shift_images_moves_and_fills_with_background() -> None:
     from kmnist.metrics import shift_images
 

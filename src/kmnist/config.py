@@ -53,7 +53,8 @@ class TrainConfig:
     erase: float = _field(0.0, "augmentation: probability of erasing a random rectangle (cutout)")
     mixup: float = _field(0.0, "mixup Beta(alpha, alpha) parameter; 0 = off")
     cutmix: float = _field(0.0, "cutmix Beta(alpha, alpha) parameter; 0 = off (with mixup: one or the other per batch)")
-    ema: float = _field(0.0, "decay of an exponential moving average of the weights, used for evaluation; 0 = off")
+    ema: float = _field(0.0, "decay of an exponential moving average of the weights and BatchNorm statistics, "
+                             "used for evaluation; 0 = off")
     balanced_sampling: bool = _field(False, "draw training batches with equal probability per class (imbalanced K49)")
     seed: int = _field(0, "seed for initialisation, batch order and the validation split")
     device: str = _field("auto", "auto (CUDA when present, else CPU), cpu or cuda")
