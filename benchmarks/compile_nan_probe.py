@@ -20,6 +20,7 @@ import torch
 
 from kmnist.config import resolve_config
 from kmnist.data import load_dataset
+from kmnist.errors import KmnistError
 from kmnist.metrics import autocast_for
 from kmnist.train import Trainer
 
@@ -67,7 +68,12 @@ def main() -> None:
     parser.add_argument("--precision", default="auto", help="auto (bf16 on CUDA), fp32 or bf16")
     parser.add_argument("--steps", type=int, default=None, help="steps per epoch to check (default: all)")
     args = parser.parse_args()
-    dataset = load_dataset("kmnist", args.data_dir, progress=False)
+    if args.steps is not None and args.steps < 1:
+        parser.error("--steps must be at least 1")
+    try:
+        dataset = load_dataset("kmnist", args.data_dir, progress=False)
+    except KmnistError as error:
+        parser.exit(2, f"compile_nan_probe: error: {error}\n")
     for mode in ("reduce-overhead", "default"):
         try:
             print(f"[{mode}] first bad step: {probe(dataset, mode, args.device, args.precision, args.steps)}",

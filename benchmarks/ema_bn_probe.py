@@ -17,6 +17,7 @@ import torch
 
 from kmnist.config import resolve_config
 from kmnist.data import load_dataset
+from kmnist.errors import KmnistError
 from kmnist.metrics import predict_logits
 from kmnist.train import Trainer
 
@@ -29,7 +30,12 @@ def main() -> None:
     parser.add_argument("--data-dir", default=".data")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    dataset = load_dataset("kmnist", args.data_dir, progress=False)
+    if args.width < 1 or args.epochs < 1:
+        parser.error("--width and --epochs must be at least 1")
+    try:
+        dataset = load_dataset("kmnist", args.data_dir, progress=False)
+    except KmnistError as error:
+        parser.exit(2, f"ema_bn_probe: error: {error}\n")
     config = resolve_config(preset="cnn-fast-cpu", overrides={
         "epochs": args.epochs, "ema": 0.999, "device": args.device, "seed": args.seed,
         "model_args": {"width": args.width, "depth": 1}})

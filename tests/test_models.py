@@ -112,3 +112,25 @@ def test_fused_linear_relu_gives_the_plain_numbers() -> None:
         plain_error = float((plain_bf16[1][name] - grad).abs().max() / scale)
         assert fused_error <= 2 * plain_error + 0.01, (name, fused_error, plain_error)
     assert float((fused_bf16[0] - reference[0]).abs().max()) <= 2 * float((plain_bf16[0] - reference[0]).abs().max()) + 0.01
+
+
+def test_small_resnet_pools_in_fp32_with_the_numbers_of_a_bf16_pool() -> None:
+    # The fp32 global max pool (which keeps torch.compile's bf16 backward finite) changes nothing in eager bf16
+    # training: the upcast is exact, so logits and gradients are those of a bf16 pool, bit for bit.
+    torch.manual_seed(0)
+    model = create_model("resnet-small", num_classes=10, width=4).train()
+    images, labels = torch.randn(16, 1, 28, 28), torch.randint(0, 10, (16,))
+    state = {key: value.clone() for key, value in model.state_dict().items()}
+
+    def step(forward):
+        model.load_state_dict(state)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = forward(images)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
+        return logits.detach().float(), [parameter.grad.clone() for parameter in model.parameters()]
+
+    logits, grads = step(model)
+    bf16_logits, bf16_grads = step(lambda x: model.head(model.stages(model.stem(x)).amax(dim=(2, 3))))
+    assert torch.equal(logits, bf16_logits)
+    assert all(torch.equal(a, b) for a, b in zip(grads, bf16_grads))

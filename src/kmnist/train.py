@@ -109,12 +109,10 @@ class WeightAverage:
         # averaged weights while the weights move fast: `cnn-best` on a GPU swung between 77% and 99.6%
         # validation accuracy at high learning rates, and a small ResNet fell from 99.0% to 93.5% in one
         # epoch where averaged statistics gave 99.2% (docs/results.md).
-        floating = [(average, current) for average, current in zip(self.model.buffers(), model.buffers())
-                    if average.is_floating_point()]
-        if floating:
-            torch._foreach_lerp_([a for a, _ in floating], [c for _, c in floating], 1 - decay)
         for average, current in zip(self.model.buffers(), model.buffers()):
-            if not average.is_floating_point():  # BatchNorm's batch counter
+            if average.is_floating_point():
+                average.lerp_(current, 1 - decay)
+            else:  # BatchNorm's batch counter
                 average.copy_(current)
 
 
