@@ -4,19 +4,22 @@ Prepared on CPU-only machines and checked there with --smoke; the GPU numbers co
 it where a GPU is lent (no step starts after --budget seconds, and the JSON is rewritten after each
 step, so a cut-off call keeps what finished). Step groups (--steps, in the order given):
 
-  bench-report-final[-compiled]  `kmnist bench` of the report's model on CUDA: our loop against the
+  bench-report-final[-compiled|-graph]
+                                 `kmnist bench` of the report's model on CUDA: our loop against the
                                  per-sample DataLoader pipeline of the same model, side by side
-                                 (target: >= 20x), epochs timed on their first 100 batches;
-  bench-cnn-fast-cpu             the same for `cnn-fast-cpu`, compiled with CUDA graphs
-                                 (`--compile reduce-overhead`) beside eager;
+                                 (target: >= 20x), epochs timed on their first 100 batches; compiled
+                                 with CUDA graphs of the model (`--compile reduce-overhead`) or the
+                                 whole step captured as one CUDA graph (`--compile cuda-graph`),
+                                 each beside eager;
+  bench-cnn-fast-cpu[-graph]     the same for `cnn-fast-cpu` (compiled, or as one graph);
   fast-compiled, fast-eager      `--preset cnn-fast-cpu` on CUDA, seeds 0-2, compiled or not: training
                                  time and test accuracy of a fixed recipe (target: >= 99.0% mean in
                                  <= 10 s of training; compiling is timed apart);
   fast-*-all-data                the same on all 60,000 training images (`--val-size 0`);
-  fast-large-batch               the same, compiled, on all 60,000 images, at batch 1024 (lr scaled
-                                 up): a quarter of the steps, so a quarter of the launches of a
-                                 launch-bound loop (its accuracy at batch 1024 was checked on a CPU
-                                 at width 8 only: docs/benchmarks.md);
+  fast-[graph-]large-batch       the same, compiled (or as one graph), on all 60,000 images, at
+                                 batch 1024 (lr scaled up): a quarter of the steps, so a quarter of
+                                 the launches of a launch-bound loop (its accuracy at batch 1024 was
+                                 checked on a CPU at width 8 only: docs/benchmarks.md);
   cnn-best                       `--preset cnn-best`, seed 0: the GPU-sized single model (target: >= 99.4%).
 
 No step starts after --budget seconds; at --deadline seconds (set it inside the call's time limit)
@@ -30,8 +33,9 @@ The KMNIST files must travel with the working tree: copy them into the ignored f
 
 Everything lands in OUT/gpu_checks.json (each step's command, exit code, seconds and results),
 OUT/gpu_checks.log, the bench JSON files, and the `kmnist report` of the runs (OUT/results.md,
-OUT/report.html; the other kinds of run in OUT/results-compiled.md, results-all-data.md and
-results-large-batch.md); run directories go to a scratch folder, as checkpoints need not come back.
+OUT/report.html; each other kind of run in OUT/results-<kind>.md, e.g. results-compiled.md or
+results-graph-all-data-large-batch.md); run directories go to a scratch folder, as checkpoints need
+not come back.
 """
 
 from __future__ import annotations
@@ -60,10 +64,11 @@ from kmnist.cli import main as kmnist
 SMOKE_BENCH = ["--max-batches", "3", "--repeats", "1"]
 SMOKE_TRAIN = ["--epochs", "1", "--model-arg", "width=8"]
 # In order of what the issues need most; later steps are the first to go when time runs short. Measured
-# on an H200 on 2026-11-29 (docs/benchmarks.md): the eager steps, cnn-best and the benches. Since then
-# compiled training lost its NaN and --ema its copied BatchNorm statistics, neither rerun there: those first,
-# with the large-batch recipe (the best chance at 99% in 10 s) once compiled training is seen to work.
-DEFAULT_STEPS = "fast-compiled,fast-large-batch,cnn-best,fast-compiled-all-data,bench-cnn-fast-cpu"
+# on an H200 on 2026-11-29 (docs/benchmarks.md): the eager steps, cnn-best and the benches. Since then the
+# whole step as one CUDA graph was added (the 20x and 10-second targets), compiled training lost its NaN
+# and --ema its copied BatchNorm statistics, none of them run there yet: those first.
+DEFAULT_STEPS = ("bench-report-final-graph,fast-graph-large-batch,fast-compiled,cnn-best,fast-large-batch,"
+                 "fast-compiled-all-data,bench-cnn-fast-cpu-graph")
 COMPILE = "reduce-overhead"  # torch.compile with CUDA graphs: launch overhead is what bounds small models on a GPU
 # Four times cnn-fast-cpu's batch of 256, with twice its peak lr of 0.2: at width 8 on a CPU (seed 0, 20 epochs) lr 0.4
 # and 0.8 tied on best validation accuracy (99.34 / 99.36%) and 0.4 ended higher (99.32 / 99.28%), which is what a
@@ -124,31 +129,38 @@ def main() -> int:
     bench_extra = SMOKE_BENCH if args.smoke else ["--repeats", "3", "--max-batches", "100"]
     train_extra = SMOKE_TRAIN if args.smoke else []
 
-    def fast(seed: int, compiled: bool, all_data: bool = False, large_batch: bool = False) -> tuple[str, list[str]]:
-        tag = ("-compiled" if compiled else "") + ("-all-data" if all_data else "") + ("-large-batch" if large_batch
-                                                                                        else "")
+    # How a step trains: eager, torch.compile with CUDA graphs of the model, or the whole step as one CUDA graph.
+    modes = {"eager": ([], ""), "compiled": (["--compile", COMPILE], "-compiled"),
+             "graph": (["--compile", "cuda-graph"], "-graph")}
+
+    def fast(seed: int, mode: str, all_data: bool = False, large_batch: bool = False) -> tuple[str, list[str]]:
+        flags, tag = modes[mode]
+        tag += ("-all-data" if all_data else "") + ("-large-batch" if large_batch else "")
         return f"cnn-fast-cpu{tag.replace('-', ' ')} seed {seed}", [
-            "train", "--preset", "cnn-fast-cpu", "--seed", str(seed), *(["--compile", COMPILE] if compiled else []),
+            "train", "--preset", "cnn-fast-cpu", "--seed", str(seed), *flags,
             *(["--val-size", "0"] if all_data else []), *(LARGE_BATCH if large_batch else []), *common, *train_extra,
             "--out", str(scratch / f"cnn-fast-cpu{tag}-s{seed}")]
 
-    def bench(preset: str, compiled: bool) -> tuple[str, list[str]]:
-        name = f"bench-{preset}{'-compiled' if compiled else ''}"
-        return name.replace("-", " ", 1), ["bench", "--preset", preset, *common, *bench_extra,
-                                           *(["--compile", COMPILE] if compiled else []),
+    def bench(preset: str, mode: str) -> tuple[str, list[str]]:
+        flags, tag = modes[mode]
+        name = f"bench-{preset}{tag}"
+        return name.replace("-", " ", 1), ["bench", "--preset", preset, *common, *bench_extra, *flags,
                                            "--json", str(out / f"{name}.json")]
 
     seeds = range(args.seeds)
     groups: dict[str, list[tuple[str, list[str]]]] = {
-        "bench-report-final": [bench("report-final", compiled=False)],
-        "bench-report-final-compiled": [bench("report-final", compiled=True)],
-        "bench-cnn-fast-cpu": [bench("cnn-fast-cpu", compiled=True)],
-        "fast-compiled": [fast(seed, compiled=True) for seed in seeds],
+        "bench-report-final": [bench("report-final", "eager")],
+        "bench-report-final-compiled": [bench("report-final", "compiled")],
+        "bench-report-final-graph": [bench("report-final", "graph")],
+        "bench-cnn-fast-cpu": [bench("cnn-fast-cpu", "compiled")],
+        "bench-cnn-fast-cpu-graph": [bench("cnn-fast-cpu", "graph")],
+        "fast-compiled": [fast(seed, "compiled") for seed in seeds],
         # The fixed recipe on all 60,000 training images: nothing is chosen, the last epoch is the result.
-        "fast-compiled-all-data": [fast(seed, compiled=True, all_data=True) for seed in seeds],
-        "fast-large-batch": [fast(seed, compiled=True, all_data=True, large_batch=True) for seed in seeds],
-        "fast-eager": [fast(seed, compiled=False) for seed in seeds],
-        "fast-eager-all-data": [fast(seed, compiled=False, all_data=True) for seed in seeds],
+        "fast-compiled-all-data": [fast(seed, "compiled", all_data=True) for seed in seeds],
+        "fast-large-batch": [fast(seed, "compiled", all_data=True, large_batch=True) for seed in seeds],
+        "fast-graph-large-batch": [fast(seed, "graph", all_data=True, large_batch=True) for seed in seeds],
+        "fast-eager": [fast(seed, "eager") for seed in seeds],
+        "fast-eager-all-data": [fast(seed, "eager", all_data=True) for seed in seeds],
         "cnn-best": [("cnn-best seed 0", ["train", "--preset", "cnn-best", "--seed", "0", *common, *train_extra,
                                           "--out", str(scratch / "cnn-best-s0")])],
     }
@@ -168,10 +180,12 @@ def main() -> int:
         """The project's tables of the finished runs, the files that come back, and the summary on screen."""
         finished = [Path(step["command"][-1]) for step in report["steps"].values() if "summary" in step]
         # One table per kind of run: `kmnist report` would count compiled runs as repeats of eager ones.
-        kinds = {"": [], "-compiled": [], "-all-data": [], "-large-batch": []}
+        # One table per kind of run (the tag in its folder's name): `kmnist report` would count compiled runs
+        # as repeats of eager ones.
+        kinds: dict[str, list[Path]] = {}
         for run_dir in finished:
-            kinds[next((kind for kind in ("-large-batch", "-all-data", "-compiled") if kind in run_dir.name), "")
-                  ].append(run_dir)
+            tag = run_dir.name.rsplit("-s", 1)[0].removeprefix("cnn-fast-cpu").removeprefix("cnn-best")
+            kinds.setdefault(tag, []).append(run_dir)
         for suffix, run_dirs in kinds.items():
             if run_dirs:
                 report["steps"]["report" + suffix] = run_step(
@@ -200,13 +214,14 @@ def main() -> int:
     watchdog = threading.Timer(args.deadline, at_deadline)
     watchdog.daemon = True
     watchdog.start()
-    compile_failed = False
+    failed_modes: set[str] = set()  # --compile modes whose training failed: their later runs are skipped
     for name, step_args in steps:
+        mode = step_args[step_args.index("--compile") + 1] if "--compile" in step_args else None
         if time.perf_counter() - started > args.budget:
             report["steps"][name] = {"skipped": f"budget of {args.budget:.0f} s spent"}
             continue
-        if compile_failed and "--compile" in step_args and step_args[0] == "train":
-            report["steps"][name] = {"skipped": "an earlier compiled training run failed"}
+        if mode in failed_modes and step_args[0] == "train":
+            report["steps"][name] = {"skipped": f"an earlier training run with --compile {mode} failed"}
             continue
         current = (name, step_args)
         result = run_step(name, step_args, log)
@@ -218,8 +233,8 @@ def main() -> int:
                     if (run_dir / file).is_file():
                         result[file.removesuffix(".json")] = json.loads((run_dir / file).read_text())
                 result["epochs"] = epochs_of(step_args)
-                if result["exit_code"] and "--compile" in step_args:
-                    compile_failed = True
+                if result["exit_code"] and mode:
+                    failed_modes.add(mode)
             report["steps"][name] = result
             save()
     with lock:

@@ -153,3 +153,40 @@ def test_compiled_training_computes_what_eager_training_does(tiny_dataset, tmp_p
     payload = load_checkpoint(tmp_path / runs.LAST)
     assert not any(key.startswith("_orig_mod") for key in payload["state_dict"])
     assert runs.summarize(compiled)["compile_seconds"] == compiled[0]["compile_seconds"]
+
+
+# The report's model (Adam, plateau) and a small ResNet (Nesterov SGD, one-cycle, augmentation, weight average).
+GRAPHED_CONFIGS = {
+    "report-mixer": {},
+    "resnet-small": {"model": "resnet-small", "model_args": {"width": 4, "depth": 1}, "optimizer": "sgd", "lr": 0.1,
+                     "scheduler": "onecycle", "translate": 1.0, "erase": 0.5, "label_smoothing": 0.1, "ema": 0.9},
+}
+
+
+@pytest.mark.parametrize("name", list(GRAPHED_CONFIGS))
+def test_the_graphed_step_trains_what_the_eager_loop_does(tiny_dataset, monkeypatch, name: str) -> None:
+    # --compile cuda-graph replays kmnist.graphed.GraphedStep on fixed buffers; run uncaptured here, the same
+    # function must give the eager loop's numbers: its warm-up steps undone (weights, BatchNorm statistics,
+    # optimiser moments and step counts), learning rates followed as tensors, the last, shorter batch eager.
+    from kmnist.graphed import GraphedStep
+    from kmnist.train import Trainer
+
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, **GRAPHED_CONFIGS[name]})  # 500 images: 15 x 32 + 20
+    eager = fit(config, tiny_dataset, progress=False)
+
+    def warm_up(trainer: Trainer) -> float:
+        trainer.graphed = GraphedStep(trainer, trainer.config.batch_size, capture=False)
+        return 0.0
+
+    monkeypatch.setattr(Trainer, "warm_up", warm_up)
+    graphed = fit(config, tiny_dataset, progress=False)
+    for row_eager, row_graphed in zip(eager, graphed):
+        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "lr"):
+            assert row_graphed[key] == pytest.approx(row_eager[key], rel=1e-4, abs=1e-6), key
+
+
+def test_cuda_graph_mode_refuses_a_cpu_and_mixed_batches(tiny_dataset) -> None:
+    with pytest.raises(KmnistError, match="needs a CUDA device"):
+        fit(TrainConfig(**{**TINY.to_dict(), "compile": "cuda-graph", "device": "cpu"}), tiny_dataset, progress=False)
+    with pytest.raises(KmnistError, match="mixup/cutmix"):
+        TrainConfig(compile="cuda-graph", mixup=0.2)

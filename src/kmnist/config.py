@@ -17,8 +17,9 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
-# torch.compile of the model for training: off, or one of its modes (reduce-overhead adds CUDA graphs on a GPU).
-COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune")
+# torch.compile of the model for training: off, or one of its modes (reduce-overhead adds CUDA graphs on a GPU);
+# cuda-graph: no torch.compile, the whole training step captured as one CUDA graph (kmnist.graphed).
+COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", "cuda-graph")
 
 
 def _field(default: Any, help: str) -> Any:
@@ -61,7 +62,9 @@ class TrainConfig:
     precision: str = _field("auto", "auto (bf16 autocast on CUDA and on CPUs with AMX/AVX512-BF16, else fp32), "
                                     "fp32 or bf16")
     compile: str = _field("off", "torch.compile the model for training: off, default, reduce-overhead (CUDA graphs "
-                                 "on a GPU) or max-autotune; compiling happens before the clock starts")
+                                 "on a GPU) or max-autotune; or cuda-graph: the whole step, optimiser included, "
+                                 "captured as one CUDA graph (GPU only; no mixup/cutmix); compiling happens before "
+                                 "the clock starts")
     threads: int = _field(0, "CPU threads for torch; 0 keeps torch's default (one per core)")
     eval_batch_size: int = _field(1024, "images per forward pass when evaluating")
 
@@ -87,6 +90,9 @@ class TrainConfig:
             raise KmnistError("erase must be in [0, 1] and ema in [0, 1)")
         if not 0 < self.plateau_factor < 1:
             raise KmnistError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.compile == "cuda-graph" and (self.mixup or self.cutmix):
+            raise KmnistError("--compile cuda-graph cannot mix batches (mixup/cutmix): their mixing weight changes "
+                              "on the host at every step")
         if not isinstance(self.model_args, dict):
             raise KmnistError("model_args must be a table of name = value")
 

@@ -24,9 +24,10 @@ def emulates_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bf16" and device.type == "cpu" and not has_fast_bf16()
 
 
-def autocast_for(device: torch.device, precision: str):
-    """bf16 autocast where `uses_bf16`; a null context otherwise."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, precision) else nullcontext()
+def autocast_for(device: torch.device, precision: str, cache: bool = True):
+    """bf16 autocast where `uses_bf16`; a null context otherwise. cache=False for CUDA graph capture."""
+    return (torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if uses_bf16(device, precision)
+            else nullcontext())
 
 
 CPU_FORWARD_BATCH = 256  # images per forward pass on a CPU (see predict_logits)

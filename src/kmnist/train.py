@@ -19,6 +19,7 @@ from kmnist.config import TrainConfig, same_experiment
 from kmnist.cpu import keep_freed_memory
 from kmnist.data import Dataset, Split, normalize, pixel_stats, selection_metric, split_validation
 from kmnist.errors import KmnistError, TrainingDiverged
+from kmnist.graphed import GraphedStep
 from kmnist.metrics import (accuracy, autocast_for, balanced_accuracy, confusion_matrix, cross_entropy,
                             predict_logits)
 from kmnist.models import create_model, resolve_model_args
@@ -139,7 +140,10 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.model)
         # The training forward: the model itself, or a compiled view of it sharing its parameters
         # (checkpoints, the weight average and evaluation keep using the plain module).
-        self.forward = self.model if config.compile == "off" else torch.compile(
+        if config.compile == "cuda-graph" and self.device.type != "cuda":
+            raise KmnistError("--compile cuda-graph needs a CUDA device; on a CPU train without it")
+        self.graphed: GraphedStep | None = None  # made by warm_up with --compile cuda-graph
+        self.forward = self.model if config.compile in ("off", "cuda-graph") else torch.compile(
             self.model, mode=None if config.compile == "default" else config.compile, dynamic=False)
         self.steps_per_epoch = batches_per_epoch(len(self.train), config.batch_size)
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
@@ -186,8 +190,11 @@ class Trainer:
 
         config, model, device = self.config, self.model, self.device
         model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        if self.graphed is not None:  # the captured step sums into these; the eager steps below add in place
+            loss_sum, correct = self.graphed.loss_sum.zero_(), self.graphed.correct.zero_()
+        else:
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=None if progress else True, unit="batch", dynamic_ncols=True)
@@ -195,23 +202,23 @@ class Trainer:
         mix_generator = self.generator(epoch, 2)
         for step, (images, labels) in enumerate(self.batches(epoch) if batches is None else batches):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            if mixing:
-                images, labels, partners, lam = mix(images, labels, config.mixup, config.cutmix, mix_generator)
-            self.optimizer.zero_grad(set_to_none=True)
-            self._mark_step()
-            with autocast_for(device, config.precision):
-                logits = self.forward(images)  # (B, classes)
-            loss = self.loss(logits.float(), labels)
-            if mixing:
-                loss = lam * loss + (1 - lam) * self.loss(logits.float(), partners)
-            loss.backward()
-            self.optimizer.step()
-            if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
-                self.scheduler.step()
-            if self.average is not None:
-                self.average.update(model)
-            loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(dim=1) == labels).sum()
+            if self.graphed is not None and len(labels) == self.graphed.batch_size:
+                self.graphed.step(images, labels)  # adds its loss and correct count into loss_sum and correct
+            else:
+                if mixing:
+                    images, labels, partners, lam = mix(images, labels, config.mixup, config.cutmix, mix_generator)
+                self.optimizer.zero_grad(set_to_none=True)
+                self._mark_step()
+                with autocast_for(device, config.precision):
+                    logits = self.forward(images)  # (B, classes)
+                loss = self.loss(logits.float(), labels)
+                if mixing:
+                    loss = lam * loss + (1 - lam) * self.loss(logits.float(), partners)
+                loss.backward()
+                self.optimizer.step()
+                loss_sum += loss.detach() * len(labels)
+                correct += (logits.argmax(dim=1) == labels).sum()
+            self._after_step()
             seen += len(labels)
             bar.update()
             if step % 50 == 49 and progress:
@@ -219,8 +226,16 @@ class Trainer:
         bar.close()
         return float(loss_sum) / seen, float(correct) / seen * 100
 
+    def _after_step(self) -> None:
+        if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
+            self.scheduler.step()
+        if self.average is not None:
+            self.average.update(self.model)
+
     def warm_up(self) -> float:
         """Compile the training step for this run's batch sizes before any epoch is timed; returns seconds.
+
+        With --compile cuda-graph: capture the step at the full batch size as one CUDA graph (kmnist.graphed).
 
         Forward and backward on real training images, then weights, BatchNorm statistics, gradients
         and random state are put back, so a compiled run computes what an uncompiled one does.
@@ -229,6 +244,10 @@ class Trainer:
             return 0.0
         _sync(self.device)
         started = time.perf_counter()
+        if self.config.compile == "cuda-graph":  # batches of other sizes (the last, shorter one) run eagerly
+            self.graphed = GraphedStep(self, min(self.config.batch_size, len(self.train)))
+            _sync(self.device)
+            return time.perf_counter() - started
         saved_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         saved_rng = _rng_state(self.device)
         # The sizes `batches` yields: the first batch's and the last's (shorter where the split does not divide).
@@ -346,7 +365,7 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
             "val_acc": val_acc, "val_bal_acc": val_bal_acc, "test_loss": test_loss, "test_acc": test_acc,
-            "test_bal_acc": test_bal_acc, "lr": trainer.optimizer.param_groups[0]["lr"],
+            "test_bal_acc": test_bal_acc, "lr": float(trainer.optimizer.param_groups[0]["lr"]),
             "epoch_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
             "compile_seconds": compile_seconds if epoch == start else 0.0,
         }
