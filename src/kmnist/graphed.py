@@ -13,6 +13,7 @@ capture and replay themselves need a GPU.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from typing import TYPE_CHECKING
 
@@ -85,7 +86,9 @@ class GraphedStep:
         stream = torch.cuda.Stream() if cuda else None
         if cuda:
             stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if cuda else nullcontext():
+        with torch.cuda.stream(stream) if cuda else nullcontext(), warnings.catch_warnings():
+            # Adam warns once that a capturable optimiser runs uncaptured: here and for the short batch, on purpose.
+            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
             for _ in range(WARM_UP_STEPS):
                 self._run()
         if cuda:
