@@ -163,26 +163,51 @@ GRAPHED_CONFIGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(GRAPHED_CONFIGS))
-def test_the_graphed_step_trains_what_the_eager_loop_does(tiny_dataset, monkeypatch, name: str) -> None:
-    # --compile cuda-graph replays kmnist.graphed.GraphedStep on fixed buffers; run uncaptured here, the same
-    # function must give the eager loop's numbers: its warm-up steps undone (weights, BatchNorm statistics,
-    # optimiser moments and step counts), learning rates followed as tensors, the last, shorter batch eager.
+def _graph_without_capture(monkeypatch) -> None:
+    """--compile cuda-graph's step, run uncaptured: training goes through kmnist.graphed.GraphedStep on a CPU."""
     from kmnist.graphed import GraphedStep
     from kmnist.train import Trainer
-
-    config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, **GRAPHED_CONFIGS[name]})  # 500 images: 15 x 32 + 20
-    eager = fit(config, tiny_dataset, progress=False)
 
     def warm_up(trainer: Trainer) -> float:
         trainer.graphed = GraphedStep(trainer, trainer.config.batch_size, capture=False)
         return 0.0
 
     monkeypatch.setattr(Trainer, "warm_up", warm_up)
-    graphed = fit(config, tiny_dataset, progress=False)
-    for row_eager, row_graphed in zip(eager, graphed):
-        for key in ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "lr"):
-            assert row_graphed[key] == pytest.approx(row_eager[key], rel=1e-4, abs=1e-6), key
+
+
+def _assert_same_epochs(got: list[dict], expected: list[dict]) -> None:
+    assert len(got) == len(expected)
+    for row_got, row_expected in zip(got, expected):
+        for key in ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "test_loss", "lr"):
+            assert row_got[key] == pytest.approx(row_expected[key], rel=1e-4, abs=1e-6), key
+
+
+@pytest.mark.parametrize("name", list(GRAPHED_CONFIGS))
+def test_the_graphed_step_trains_what_the_eager_loop_does(tiny_dataset, monkeypatch, name: str) -> None:
+    # --compile cuda-graph replays GraphedStep on fixed buffers; run uncaptured here, the same function must
+    # give the eager loop's numbers: its warm-up steps undone (weights, BatchNorm statistics, optimiser
+    # moments and step counts), learning rates followed as tensors, the last, shorter batch eager.
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, **GRAPHED_CONFIGS[name]})  # 500 images: 15 x 32 + 20
+    eager = fit(config, tiny_dataset, progress=False)
+    _graph_without_capture(monkeypatch)
+    _assert_same_epochs(fit(config, tiny_dataset, progress=False), eager)
+
+
+@pytest.mark.parametrize("name", list(GRAPHED_CONFIGS))
+def test_a_graphed_run_resumed_from_an_eager_checkpoint_continues_it(tiny_dataset, tmp_path: Path, monkeypatch,
+                                                                     name: str) -> None:
+    # The warm-up puts back the optimiser state a resumed run already has (momentum, Adam's moments, step count).
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, **GRAPHED_CONFIGS[name]})
+    whole = fit(config, tiny_dataset, progress=False)
+
+    def stop_after_first(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, tiny_dataset, tmp_path, progress=False, on_epoch=stop_after_first)
+    _graph_without_capture(monkeypatch)
+    _assert_same_epochs(fit(config, tiny_dataset, tmp_path, resume=True, progress=False), whole)
 
 
 def test_cuda_graph_mode_refuses_a_cpu_and_mixed_batches(tiny_dataset) -> None:
