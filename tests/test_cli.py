@@ -100,14 +100,19 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["train", "--model-arg", "patch=5"], "patch must divide"),
     (["train", "--preset", "nope"], "invalid choice"),
     (["train", "--config", "/no/such/file.toml"], "config file not found"),
+    (["train", "--compile", "cuda-graph", "--device", "cpu"], "needs a CUDA device"),
+    (["train", "--compile", "cuda-graph", "--mixup", "0.2"], "mixup/cutmix"),
+    (["sweep", "--grid", "lr=0.001,0.01", "--compile", "cuda-graph", "--device", "cpu", "--out", "sweeps/s"],
+     "needs a CUDA device"),
     (["evaluate", "/no/such/checkpoint.pt"], "checkpoint not found"),
 ])
 def test_bad_options_give_one_line(args: list[str], fragment: str, data_dir: Path, tmp_path: Path, monkeypatch,
                                    capsys) -> None:
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli([*args, "--data-dir", str(data_dir), "--skip-md5"] if args[0] == "train" else args, capsys)
+    with_data = args[0] in ("train", "sweep")
+    code, _, err = run_cli([*args, "--data-dir", str(data_dir), "--skip-md5"] if with_data else args, capsys)
     assert_one_line_error(code, err, fragment)
-    assert not (tmp_path / "runs").exists()
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
 
 
 def test_missing_data_offline(tmp_path: Path, offline: None, monkeypatch, capsys) -> None:

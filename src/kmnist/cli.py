@@ -96,11 +96,12 @@ def data_dir_from_args(args: argparse.Namespace) -> Path:
     return Path(args.data_dir or os.environ.get("KMNIST_DATA") or default_data_dir())
 
 
-def warn_if_emulated_bf16(config: TrainConfig) -> None:
+def check_device(config: TrainConfig) -> None:
+    """Before any work: a one-line error where the config cannot train here, a warning where bf16 runs emulated."""
     from kmnist.metrics import emulates_bf16
-    from kmnist.train import select_device
+    from kmnist.train import training_device
 
-    if emulates_bf16(select_device(config.device), config.precision):
+    if emulates_bf16(training_device(config), config.precision):
         print("kmnist: warning: this CPU has no bf16 matrix units (AMX or AVX512-BF16), so --precision bf16 runs "
               "emulated, many times slower than fp32 (--precision auto picks fp32 here)", file=sys.stderr)
 
@@ -196,7 +197,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
-    warn_if_emulated_bf16(config)
+    check_device(config)
     data_dir = data_dir_from_args(args)
     progress = show_progress(args)
     print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "
@@ -254,7 +255,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.repeats < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise KmnistError("--repeats and --max-batches must be at least 1")
-    warn_if_emulated_bf16(config)
+    check_device(config)
     dataset = load_dataset(config.dataset, data_dir_from_args(args), check_md5=not args.skip_md5)
     name = args.preset or config.model
     print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "
@@ -433,6 +434,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         threads=coerce("threads", args.threads) if args.threads is not None else 0,
         device=coerce("device", args.device) if args.device is not None else None,
         eval_batch_size=coerce("eval_batch_size", args.eval_batch_size) if args.eval_batch_size is not None else None,
+        compile=coerce("compile", args.compile) if args.compile is not None else None,
         oversubscribe=args.oversubscribe, check_md5=not args.skip_md5, heartbeat_seconds=args.heartbeat,
         retry_failed=args.retry_failed)
 

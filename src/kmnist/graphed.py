@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kmnist.data import normalize
 from kmnist.metrics import autocast_for
 
 if TYPE_CHECKING:
@@ -70,40 +69,27 @@ class GraphedStep:
             self._run()
 
     def _warm_up(self) -> None:
-        """A few real steps on real images (on a side stream on a GPU), then weights, optimiser state and
-        random state put back in place, so the captured run computes what an eager one does."""
+        """A few real steps on real images (on a side stream on a GPU), all undone, so the captured run computes
+        what an eager one does."""
         trainer = self.trainer
-        model, optimizer = trainer.model, trainer.optimizer
-        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        state = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)} for p, s in optimizer.state.items()}
-        from kmnist.train import _rng_state, _set_rng_state  # the loop's own helpers; train imports this module
-        rng = _rng_state(trainer.device)
-        size = self.batch_size
-        self.images.copy_(normalize(trainer.train.images[:size].unsqueeze(1).float(), **trainer.normalization))
-        self.labels.copy_(trainer.train.labels[:size])
-        model.train()
         cuda = trainer.device.type == "cuda"
-        stream = torch.cuda.Stream() if cuda else None
-        if cuda:
-            stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream) if cuda else nullcontext(), warnings.catch_warnings():
-            # Adam warns once that a capturable optimiser runs uncaptured: here and for the short batch, on purpose.
-            warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
-            for _ in range(WARM_UP_STEPS):
-                self._run()
-        if cuda:
-            torch.cuda.current_stream().wait_stream(stream)
-        model.load_state_dict(weights)  # in place: the buffers the graph will use stay where they are
-        for parameter, values in optimizer.state.items():
-            saved = state.get(id(parameter), {})
-            for key, value in values.items():
-                if torch.is_tensor(value):
-                    # A state the run had is put back; one the warm-up made is zeroed, which for SGD's
-                    # momentum and Adam's moments and step count is what a first step starts from.
-                    value.copy_(saved[key]) if key in saved else value.zero_()
+        with trainer.undone():
+            images, labels = trainer.first_batch(self.batch_size)
+            self.images.copy_(images)
+            self.labels.copy_(labels)
+            trainer.model.train()
+            stream = torch.cuda.Stream() if cuda else None
+            if cuda:  # the side stream starts after the copies above
+                stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream) if cuda else nullcontext(), warnings.catch_warnings():
+                # Adam warns once that a capturable optimiser runs uncaptured: here and for the short batch, on purpose.
+                warnings.filterwarnings("ignore", message="This instance was constructed with capturable=True")
+                for _ in range(WARM_UP_STEPS):
+                    self._run()
+            if cuda:
+                torch.cuda.current_stream().wait_stream(stream)
         self.loss_sum.zero_()
         self.correct.zero_()
-        _set_rng_state(rng, trainer.device)
 
 
 def _lr_as_tensors(optimizer: torch.optim.Optimizer, device: torch.device) -> None:

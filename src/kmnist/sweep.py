@@ -68,6 +68,7 @@ class SweepPlacement:
     threads: int = 0  # torch threads per worker; 0: cores // jobs
     device: str | None = None
     eval_batch_size: int | None = None
+    compile: str | None = None
     oversubscribe: bool = False  # allow jobs x threads > cores
     check_md5: bool = True
     heartbeat_seconds: int = 30  # workers on other hosts count as dead after 4 missed heartbeats
@@ -88,6 +89,8 @@ class SweepPlacement:
             placement["device"] = self.device
         if self.eval_batch_size is not None:
             placement["eval_batch_size"] = self.eval_batch_size
+        if self.compile is not None:
+            placement["compile"] = self.compile
         return placement
 
 
@@ -737,12 +740,13 @@ def describe(spec: SweepSpec) -> dict[str, Any]:
 def prepare(spec: SweepSpec, placement: SweepPlacement) -> dict[str, Any]:
     """Check every point, the data and the sweep directory before any work; returns the loaded datasets."""
     from kmnist.data import load_dataset
-    from kmnist.train import select_device
+    from kmnist.train import training_device
 
     points = grid_points(spec) if spec.method == "grid" else corner_points(spec)
     check_points(spec, points)
     configs = [point_config(spec, point) for point in points]
-    select_device(point_config(spec, points[0], placement.config_placement()).device)  # --device cuda without one
+    for point in points:  # --device cuda without one, --compile cuda-graph on a CPU
+        training_device(point_config(spec, point, placement.config_placement()))
     if spec.method != "grid" and any(config.val_size == 0 for config in configs):
         raise KmnistError(f"a {spec.method} search chooses points by validation accuracy; it needs --val-size > 0")
     datasets = {name: load_dataset(name, placement.data_dir, check_md5=placement.check_md5, progress=False)

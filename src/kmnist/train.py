@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -23,6 +24,14 @@ from kmnist.graphed import GraphedStep
 from kmnist.metrics import (accuracy, autocast_for, balanced_accuracy, confusion_matrix, cross_entropy,
                             predict_logits)
 from kmnist.models import create_model, resolve_model_args
+
+
+def training_device(config: TrainConfig) -> torch.device:
+    """The device a config trains on; a one-line error where it cannot (no CUDA, or a CUDA graph on a CPU)."""
+    device = select_device(config.device)
+    if config.compile == "cuda-graph" and device.type != "cuda":
+        raise KmnistError("--compile cuda-graph needs a CUDA device; on a CPU train without it")
+    return device
 
 
 def select_device(name: str) -> torch.device:
@@ -124,7 +133,7 @@ class Trainer:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.device = select_device(config.device)
+        self.device = training_device(config)
         if self.device.type == "cpu":
             keep_freed_memory()
         torch.manual_seed(config.seed)
@@ -140,8 +149,6 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.model)
         # The training forward: the model itself, or a compiled view of it sharing its parameters
         # (checkpoints, the weight average and evaluation keep using the plain module).
-        if config.compile == "cuda-graph" and self.device.type != "cuda":
-            raise KmnistError("--compile cuda-graph needs a CUDA device; on a CPU train without it")
         self.graphed: GraphedStep | None = None  # made by warm_up with --compile cuda-graph
         self.forward = self.model if config.compile in ("off", "cuda-graph") else torch.compile(
             self.model, mode=None if config.compile == "default" else config.compile, dynamic=False)
@@ -248,31 +255,51 @@ class Trainer:
             self.graphed = GraphedStep(self, min(self.config.batch_size, len(self.train)))
             _sync(self.device)
             return time.perf_counter() - started
-        saved_weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        saved_rng = _rng_state(self.device)
         # The sizes `batches` yields: the first batch's and the last's (shorter where the split does not divide).
         size, last = self.config.batch_size, self.steps_per_epoch - 1
         sizes = {min(size, len(self.train) - step * size) for step in (0, last)}
         self.model.train()
-        for size in sorted(sizes, reverse=True):
-            images = normalize(self.train.images[:size].unsqueeze(1).float(), **self.normalization)
-            # Fresh gradients for each size, as in training: with CUDA graphs (reduce-overhead) the first
-            # size's gradients live in its graph's memory, which the next size's replay may overwrite.
-            self.optimizer.zero_grad(set_to_none=True)
-            self._mark_step()
-            try:
-                with autocast_for(self.device, self.config.precision):
-                    logits = self.forward(images)
-                self.loss(logits.float(), self.train.labels[:size]).backward()
-            except Exception as error:  # e.g. no C++ compiler for inductor on a CPU: a reason, not a traceback
-                first_line = (str(error).strip().splitlines() or [""])[0][:300]
-                raise KmnistError(f"--compile {self.config.compile}: torch.compile failed ({type(error).__name__}: "
-                                  f"{first_line}); train without --compile") from error
+        with self.undone():
+            for size in sorted(sizes, reverse=True):
+                images, labels = self.first_batch(size)
+                # Fresh gradients for each size, as in training: with CUDA graphs (reduce-overhead) the first
+                # size's gradients live in its graph's memory, which the next size's replay may overwrite.
+                self.optimizer.zero_grad(set_to_none=True)
+                self._mark_step()
+                try:
+                    with autocast_for(self.device, self.config.precision):
+                        logits = self.forward(images)
+                    self.loss(logits.float(), labels).backward()
+                except Exception as error:  # e.g. no C++ compiler for inductor on a CPU: a reason, not a traceback
+                    first_line = (str(error).strip().splitlines() or [""])[0][:300]
+                    raise KmnistError(f"--compile {self.config.compile}: torch.compile failed "
+                                      f"({type(error).__name__}: {first_line}); train without --compile") from error
         self.optimizer.zero_grad(set_to_none=True)
-        self.model.load_state_dict(saved_weights)
-        _set_rng_state(saved_rng, self.device)
         _sync(self.device)
         return time.perf_counter() - started
+
+    @contextmanager
+    def undone(self) -> Iterator[None]:
+        """Run warm-up work on the run's state: afterwards its weights, BatchNorm statistics, optimiser state
+        and random streams are what they were, put back in place (the tensors stay where they are)."""
+        weights = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        state = {id(p): {k: v.clone() for k, v in s.items() if torch.is_tensor(v)}
+                 for p, s in self.optimizer.state.items()}
+        rng = _rng_state(self.device)
+        yield
+        self.model.load_state_dict(weights)
+        for parameter, values in self.optimizer.state.items():
+            saved = state.get(id(parameter), {})
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    # A state the run had is put back; one the warm-up made is zeroed, which for SGD's
+                    # momentum and Adam's moments and step count is what a first step starts from.
+                    value.copy_(saved[key]) if key in saved else value.zero_()
+        _set_rng_state(rng, self.device)
+
+    def first_batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first `size` training images, normalised as batches are, and their labels: warm-up material."""
+        return normalize(self.train.images[:size].unsqueeze(1).float(), **self.normalization), self.train.labels[:size]
 
     def _mark_step(self) -> None:
         """A new training step begins: CUDA graphs (--compile reduce-overhead) may reuse the last step's memory."""
