@@ -53,6 +53,9 @@ def browser():
 def page(browser, server_url: str):
     page = browser.new_page(viewport={"width": 900, "height": 760})
     page.set_default_timeout(15_000)
+    # expect() waits 5 s by default; on a loaded 2-core machine a stroke's chain of predictions can take
+    # longer to settle (seen in CI: the last answer still in flight after 5 s), so it waits as long as page calls.
+    sync_api.expect.set_options(timeout=15_000)
     problems: list[str] = []
     page.on("pageerror", lambda error: problems.append(f"page error: {error}"))
     page.on("console", lambda message: problems.append(message.text) if message.type == "error" else None)
