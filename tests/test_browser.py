@@ -118,6 +118,21 @@ def test_draw_with_a_pen(page) -> None:
     sync_api.expect(page.locator("#predictions li")).to_have_count(5)
 
 
+def test_a_server_that_never_answers_is_given_up_on(page) -> None:
+    """The page's clock runs fast here; a prediction with no answer in 20 s ends in a message, not a wait forever."""
+    page.clock.install()
+    page.reload()
+    sync_api.expect(page.locator("#classes li")).to_have_count(10)
+    page.route("**/predict*", lambda route: None)  # the request is held, never answered
+    page.mouse.click(*board_position(page, 140, 140))
+    sync_api.expect(page.locator("#predictions")).to_have_attribute("aria-busy", "true")
+    page.clock.run_for(19_000)
+    sync_api.expect(page.locator("#status")).not_to_contain_text("no answer")
+    page.clock.run_for(2_000)
+    sync_api.expect(page.locator("#status")).to_have_text("no answer from the server in 20 s")
+    sync_api.expect(page.locator("#status")).to_have_class("error")
+
+
 def test_random_test_image(page) -> None:
     button = page.get_by_role("button", name="Random test image")
     sync_api.expect(button).to_be_enabled()
