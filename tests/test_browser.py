@@ -124,7 +124,8 @@ def test_a_server_that_never_answers_is_given_up_on(page) -> None:
     page.reload()
     sync_api.expect(page.locator("#classes li")).to_have_count(10)
     page.route("**/predict*", lambda route: None)  # the request is held, never answered
-    page.mouse.click(*board_position(page, 140, 140))
+    with page.expect_request("**/predict*"):  # sent, so its 20 s have started
+        page.mouse.click(*board_position(page, 140, 140))
     sync_api.expect(page.locator("#predictions")).to_have_attribute("aria-busy", "true")
     page.clock.run_for(19_000)
     sync_api.expect(page.locator("#status")).not_to_contain_text("no answer")
