@@ -179,7 +179,6 @@ def main() -> int:
     def finish() -> None:
         """The project's tables of the finished runs, the files that come back, and the summary on screen."""
         finished = [Path(step["command"][-1]) for step in report["steps"].values() if "summary" in step]
-        # One table per kind of run: `kmnist report` would count compiled runs as repeats of eager ones.
         # One table per kind of run (the tag in its folder's name): `kmnist report` would count compiled runs
         # as repeats of eager ones.
         kinds: dict[str, list[Path]] = {}

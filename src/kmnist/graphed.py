@@ -19,8 +19,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kmnist.metrics import autocast_for
-
 if TYPE_CHECKING:
     from kmnist.train import Trainer
 
@@ -48,17 +46,9 @@ class GraphedStep:
             # Capturing records the kernels without running them: nothing above has changed a weight.
 
     def _run(self) -> None:
-        trainer = self.trainer
-        trainer.optimizer.zero_grad(set_to_none=True)  # captured: each replay writes fresh gradients
-        # No autocast cache: cached casts of the weights would be stale on the next replay.
-        with autocast_for(trainer.device, trainer.config.precision, cache=False):
-            logits = trainer.model(self.images)
-        loss = trainer.loss(logits.float(), self.labels)
-        loss.backward()
-        trainer.optimizer.step()
-        with torch.no_grad():
-            self.loss_sum += loss.detach() * self.batch_size
-            self.correct += (logits.argmax(dim=1) == self.labels).sum()
+        # The eager step itself, on the fixed buffers; captured, its zero_grad means each replay writes fresh
+        # gradients, and no autocast cache, as cached casts of the weights would be stale on the next replay.
+        self.trainer.train_step(self.images, self.labels, self.loss_sum, self.correct, autocast_cache=False)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         self.images.copy_(images)

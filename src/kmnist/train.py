@@ -211,20 +211,11 @@ class Trainer:
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if self.graphed is not None and len(labels) == self.graphed.batch_size:
                 self.graphed.step(images, labels)  # adds its loss and correct count into loss_sum and correct
+            elif mixing:
+                images, labels, partners, lam = mix(images, labels, config.mixup, config.cutmix, mix_generator)
+                self.train_step(images, labels, loss_sum, correct, partners, lam)
             else:
-                if mixing:
-                    images, labels, partners, lam = mix(images, labels, config.mixup, config.cutmix, mix_generator)
-                self.optimizer.zero_grad(set_to_none=True)
-                self._mark_step()
-                with autocast_for(device, config.precision):
-                    logits = self.forward(images)  # (B, classes)
-                loss = self.loss(logits.float(), labels)
-                if mixing:
-                    loss = lam * loss + (1 - lam) * self.loss(logits.float(), partners)
-                loss.backward()
-                self.optimizer.step()
-                loss_sum += loss.detach() * len(labels)
-                correct += (logits.argmax(dim=1) == labels).sum()
+                self.train_step(images, labels, loss_sum, correct)
             self._after_step()
             seen += len(labels)
             bar.update()
@@ -232,6 +223,24 @@ class Trainer:
                 bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")
         bar.close()
         return float(loss_sum) / seen, float(correct) / seen * 100
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor,
+                   partners: torch.Tensor | None = None, lam: float = 1.0, autocast_cache: bool = True) -> None:
+        """Forward, loss (mixed with `partners` by `lam`), backward and optimiser step on one batch; the batch's
+        summed loss and correct count are added into `loss_sum` and `correct` in place. Eager, compiled, and
+        recorded once as a CUDA graph by kmnist.graphed (autocast_cache=False: cached casts would go stale)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self._mark_step()
+        with autocast_for(self.device, self.config.precision, cache=autocast_cache):
+            logits = self.forward(images).float()  # (B, classes)
+        loss = self.loss(logits, labels)
+        if partners is not None:
+            loss = lam * loss + (1 - lam) * self.loss(logits, partners)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            loss_sum += loss.detach() * len(labels)
+            correct += (logits.argmax(dim=1) == labels).sum()
 
     def _after_step(self) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
