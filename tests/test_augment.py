@@ -120,3 +120,15 @@ def test_shift_images_moves_and_fills_with_background() -> None:
     edge = torch.zeros(1, 28, 28, dtype=torch.uint8)
     edge[0, 0, 0] = 9
     assert int(shift_images(edge, -1, 0).sum()) == 0  # shifted out of frame, not wrapped around
+    assert shift_images(images, -2, 2)[0, 3, 9] == 200 and int(shift_images(edge, 0, -2).sum()) == 0
+    edge[0, 1, 1] = 7
+    assert int(shift_images(edge, -2, -1).sum()) == 0 and shift_images(edge, 2, 1)[0, 3, 2] == 7
+
+
+def test_tta_views_are_every_shift_of_up_to_two_pixels_nearest_first() -> None:
+    from kmnist.metrics import TTA_SHIFTS
+
+    assert len(TTA_SHIFTS) == len(set(TTA_SHIFTS)) == 25 and TTA_SHIFTS[0] == (0, 0)
+    assert set(TTA_SHIFTS[:9]) == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}  # --tta 9 as before
+    distances = [dy * dy + dx * dx for dy, dx in TTA_SHIFTS]
+    assert distances == sorted(distances)

@@ -220,7 +220,7 @@ def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:
     assert code == 0, err
     assert "members alone" in out and "over the best" in out
     assert (tmp_path / "ens" / "metrics.json").is_file()
-    code, _, err = run_cli(["evaluate", runs_made[0], "--data-dir", str(data_dir), "--skip-md5", "--tta", "20"],
+    code, _, err = run_cli(["evaluate", runs_made[0], "--data-dir", str(data_dir), "--skip-md5", "--tta", "26"],
                            capsys)
     assert_one_line_error(code, err, "--tta")
 

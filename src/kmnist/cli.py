@@ -538,7 +538,8 @@ def build_parser() -> Parser:
     evaluate.add_argument("--out", metavar="DIR", help="folder for metrics.json and the confusion matrix "
                                                        "(default: evaluation-<split> beside the first checkpoint)")
     evaluate.add_argument("--tta", type=int, default=1, metavar="N",
-                          help="test-time augmentation: average over N one-pixel-shifted views, 1-9 (default: 1, off)")
+                          help="test-time augmentation: average over N shifted views, 1-25: the image, "
+                               "its 8 one-pixel shifts, then 16 two-pixel ones (default: 1, off)")
     evaluate.add_argument("--json", action="store_true", help="print the results as JSON")
     evaluate.set_defaults(handler=cmd_evaluate)
 

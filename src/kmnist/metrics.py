@@ -33,7 +33,10 @@ def autocast_for(device: torch.device, precision: str, cache: bool = True):
 CPU_FORWARD_BATCH = 256  # images per forward pass on a CPU (see predict_logits)
 
 # Test-time augmentation views: one-pixel shifts (dy, dx), the identity first. No flips for characters.
-TTA_SHIFTS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1))
+# Test-time views, nearest first: the image, its 8 one-pixel shifts, then the 16 shifts of the 5x5 ring.
+TTA_SHIFTS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1),
+              (0, 2), (0, -2), (2, 0), (-2, 0), (1, 2), (-1, -2), (2, 1), (-2, -1), (1, -2), (-1, 2), (2, -1),
+              (-2, 1), (2, 2), (-2, -2), (2, -2), (-2, 2))
 
 
 def shift_images(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -41,8 +44,9 @@ def shift_images(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     if dy == dx == 0:
         return images
     height, width = images.shape[-2:]
-    padded = F.pad(images, (1, 1, 1, 1))
-    return padded[..., 1 - dy:1 - dy + height, 1 - dx:1 - dx + width]
+    pad = max(abs(dy), abs(dx))
+    padded = F.pad(images, (pad, pad, pad, pad))
+    return padded[..., pad - dy:pad - dy + height, pad - dx:pad - dx + width]
 
 
 @torch.inference_mode()
