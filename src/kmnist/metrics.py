@@ -32,8 +32,8 @@ def autocast_for(device: torch.device, precision: str, cache: bool = True):
 
 CPU_FORWARD_BATCH = 256  # images per forward pass on a CPU (see predict_logits)
 
-# Test-time augmentation views: one-pixel shifts (dy, dx), the identity first. No flips for characters.
-# Test-time views, nearest first: the image, its 8 one-pixel shifts, then the 16 shifts of the 5x5 ring.
+# Test-time augmentation views, shifts (dy, dx) nearest first: the image, its 8 one-pixel shifts, then the 16
+# two-pixel ones (the ring of the 5x5 square). No flips for characters.
 TTA_SHIFTS = ((0, 0), (0, 1), (0, -1), (1, 0), (-1, 0), (1, 1), (-1, -1), (1, -1), (-1, 1),
               (0, 2), (0, -2), (2, 0), (-2, 0), (1, 2), (-1, -2), (2, 1), (-2, -1), (1, -2), (-1, 2), (2, -1),
               (-2, 1), (2, 2), (-2, -2), (2, -2), (-2, 2))
