@@ -106,6 +106,21 @@ def check_device(config: TrainConfig) -> None:
               "emulated, many times slower than fp32 (--precision auto picks fp32 here)", file=sys.stderr)
 
 
+def check_teacher(config: TrainConfig) -> None:
+    """Before any work: a one-line error where --teacher is not a checkpoint, a warning where the teacher may have
+    learned from this run's validation images (another split), which would flatter the validation score."""
+    if not config.teacher:
+        return
+    from kmnist.checkpoint import load_checkpoint
+
+    own = load_checkpoint(config.teacher)["config"]
+    if config.val_size and (own.get("dataset"), own.get("val_size"), own.get("seed")) != (
+            config.dataset, config.val_size, config.seed):
+        print(f"kmnist: warning: the teacher {config.teacher} was trained without this run's validation split "
+              f"(its --val-size {own.get('val_size')} --seed {own.get('seed')}, here {config.val_size} / "
+              f"{config.seed}), so it may have learned from images this run validates on", file=sys.stderr)
+
+
 def show_progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False)
 
@@ -198,6 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
     check_device(config)
+    check_teacher(config)
     data_dir = data_dir_from_args(args)
     progress = show_progress(args)
     print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "

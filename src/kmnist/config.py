@@ -56,6 +56,13 @@ class TrainConfig:
     cutmix: float = _field(0.0, "cutmix Beta(alpha, alpha) parameter; 0 = off (with mixup: one or the other per batch)")
     ema: float = _field(0.0, "decay of an exponential moving average of the weights and BatchNorm statistics, "
                              "used for evaluation; 0 = off")
+    teacher: str = _field("", "checkpoint of a trained model whose predictions the model also learns from "
+                             "(knowledge distillation); empty = off")
+    distill_weight: float = _field(0.5, "with --teacher: weight of the teacher's term in the loss (the labels' "
+                                        "term gets 1 minus it)")
+    distill_temperature: float = _field(0.0, "with --teacher: 0 = learn the teacher's top class as a label (with "
+                                             "the run's label smoothing); above 0 = its softened probabilities "
+                                             "at this temperature")
     balanced_sampling: bool = _field(False, "draw training batches with equal probability per class (imbalanced K49)")
     seed: int = _field(0, "seed for initialisation, batch order and the validation split")
     device: str = _field("auto", "auto (CUDA when present, else CPU), cpu or cuda")
@@ -86,6 +93,8 @@ class TrainConfig:
                 raise KmnistError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise KmnistError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.distill_weight <= 1 or self.distill_temperature < 0:
+            raise KmnistError("distill_weight must be in [0, 1] and distill_temperature not negative")
         if not 0 <= self.erase <= 1 or not 0 <= self.ema < 1:
             raise KmnistError("erase must be in [0, 1] and ema in [0, 1)")
         if not 0 < self.plateau_factor < 1:

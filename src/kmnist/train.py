@@ -15,7 +15,7 @@ from torch import nn
 
 from kmnist import runs
 from kmnist.augment import AugmentSettings, augment, mix
-from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint
+from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint, model_from_checkpoint
 from kmnist.config import TrainConfig, same_experiment
 from kmnist.cpu import keep_freed_memory
 from kmnist.data import Dataset, Split, normalize, pixel_stats, selection_metric, split_validation
@@ -126,6 +126,46 @@ class WeightAverage:
                 average.copy_(current)
 
 
+class Teacher:
+    """A trained model whose predictions the trained model also learns from (knowledge distillation).
+
+    Its network is used as saved, frozen and in eval mode; batches normalised with the student's statistics
+    are mapped onto the teacher's own before it sees them. With temperature 0 the student learns the
+    teacher's top class as a hard label (DeiT's hard distillation), otherwise the KL divergence to its
+    probabilities softened at that temperature (Hinton et al.), scaled by the temperature squared.
+    """
+
+    def __init__(self, config: TrainConfig, dataset_name: str, class_names: list[str],
+                 normalization: dict[str, float], device: torch.device):
+        payload = load_checkpoint(config.teacher)
+        if (payload["dataset"], payload["class_names"]) != (dataset_name, class_names):
+            raise KmnistError(f"--teacher {config.teacher} was trained on {payload['dataset']} with "
+                              f"{len(payload['class_names'])} classes; this run trains on {dataset_name} with "
+                              f"{len(class_names)}")
+        self.model = model_from_checkpoint(payload, source=config.teacher).to(device)
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(False)
+        own = payload["normalization"]
+        self.scale = normalization["std"] / own["std"]
+        self.shift = (normalization["mean"] - own["mean"]) / own["std"]
+        self.temperature = config.distill_temperature
+        self.label_smoothing = config.label_smoothing
+        self.device, self.precision = device, config.precision
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), autocast_for(self.device, self.precision):
+            return self.model(images * self.scale + self.shift).float()
+
+    def loss(self, logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+        """The distillation term for the student's `logits` on the batch `images` (as the student saw them)."""
+        target = self.logits(images)
+        if self.temperature == 0:
+            return F.cross_entropy(logits, target.argmax(dim=1), label_smoothing=self.label_smoothing)
+        t = self.temperature
+        return F.kl_div(F.log_softmax(logits / t, dim=1), F.log_softmax(target / t, dim=1), log_target=True,
+                        reduction="batchmean") * t * t
+
+
 class Trainer:
     """State of one run: model, optimiser, data on the device. `fit` drives it."""
 
@@ -160,6 +200,8 @@ class Trainer:
         self.augment = AugmentSettings(config.translate, config.rotate, config.scale, config.shear, config.elastic,
                                        config.erase)
         self.average = WeightAverage(self.model, config.ema) if config.ema else None
+        self.teacher = (Teacher(config, dataset.name, dataset.class_names, self.normalization, self.device)
+                        if config.teacher else None)
         self.history: list[dict[str, Any]] = []
         self.best_val_score = -math.inf  # the selection metric's best value so far
 
@@ -236,6 +278,9 @@ class Trainer:
         loss = self.loss(logits, labels)
         if partners is not None:
             loss = lam * loss + (1 - lam) * self.loss(logits, partners)
+        if self.teacher is not None:
+            weight = self.config.distill_weight
+            loss = (1 - weight) * loss + weight * self.teacher.loss(logits, images)
         loss.backward()
         self.optimizer.step()
         with torch.no_grad():
