@@ -112,3 +112,22 @@ def test_train_warns_when_the_teacher_had_another_validation_split(teacher_path:
     assert "trained without this run's validation split" in other.stderr
     missing = subprocess.run(command[:-1] + [str(tmp_path / "none.pt")], capture_output=True, text=True)
     assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "checkpoint not found" in missing.stderr
+
+
+def test_the_graphed_step_distils_as_the_eager_loop_does(teacher_path: Path, tiny_dataset, monkeypatch) -> None:
+    # --compile cuda-graph records Trainer.train_step, teacher included; run uncaptured on a CPU it must
+    # give the eager loop's numbers.
+    from kmnist.graphed import GraphedStep
+
+    config = _with(TINY, teacher=str(teacher_path), distill_temperature=2.0, epochs=2, seed=3)
+    eager = fit(config, tiny_dataset, progress=False)
+
+    def warm_up(trainer: Trainer) -> float:
+        trainer.graphed = GraphedStep(trainer, trainer.config.batch_size, capture=False)
+        return 0.0
+
+    monkeypatch.setattr(Trainer, "warm_up", warm_up)
+    graphed = fit(config, tiny_dataset, progress=False)
+    for got, expected in zip(graphed, eager):
+        for key in ("train_loss", "val_acc", "test_loss"):
+            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
