@@ -91,6 +91,22 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path:
     assert load_checkpoint(tmp_path / "whole" / runs.BEST)["epoch"] == load_checkpoint(tmp_path / "cut" / runs.BEST)["epoch"]
 
 
+def test_a_run_saved_before_a_config_field_existed_resumes(tiny_dataset, tmp_path: Path) -> None:
+    # A field added later (here the distillation ones) is missing from older checkpoints; its default is
+    # what such a run computed, so the run continues.
+    def stop_after_first(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(TINY, tiny_dataset, tmp_path, progress=False, on_epoch=stop_after_first)
+    payload = load_checkpoint(tmp_path / runs.LAST)
+    for name in ("teacher", "distill_weight", "distill_temperature"):
+        del payload["config"][name]
+    torch.save(payload, tmp_path / runs.LAST)
+    assert [row["epoch"] for row in fit(TINY, tiny_dataset, tmp_path, resume=True, progress=False)] == [1, 2, 3]
+
+
 def test_resume_refuses_a_different_configuration(tiny_dataset, tmp_path: Path) -> None:
     fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path, progress=False)
     with pytest.raises(KmnistError, match="different configuration"):

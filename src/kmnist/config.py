@@ -151,9 +151,11 @@ PLACEMENT_FIELDS = ("device", "threads", "eval_batch_size", "compile")
 
 
 def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether two saved configs describe the same computation (placement aside)."""
-    strip = lambda d: {k: v for k, v in d.items() if k not in PLACEMENT_FIELDS}  # noqa: E731
-    return strip(a) == strip(b)
+    """Whether two saved configs describe the same computation (placement aside). A field missing from one,
+    saved before the field existed, counts as its default, which is what such a run computed."""
+    defaults = TrainConfig().to_dict()
+    full = lambda d: {k: v for k, v in {**defaults, **d}.items() if k not in PLACEMENT_FIELDS}  # noqa: E731
+    return full(a) == full(b)
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
