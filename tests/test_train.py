@@ -58,8 +58,12 @@ def test_checkpoint_loading_refuses_other_files(tmp_path: Path) -> None:
         load_checkpoint(plain)
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"\x80\x04not a checkpoint")
-    with pytest.raises(KmnistError, match="not a readable"):
+    with pytest.raises(KmnistError, match="not a readable.*another kind of file, or cut short"):
         load_checkpoint(garbage)
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(plain.read_bytes()[:-100])  # an interrupted copy of a checkpoint
+    with pytest.raises(KmnistError, match="not a readable.*another kind of file, or cut short"):
+        load_checkpoint(cut)
 
 
 def test_checkpoint_of_another_model_is_refused(tiny_dataset, tmp_path: Path) -> None:

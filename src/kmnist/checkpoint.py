@@ -55,6 +55,9 @@ def load_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise KmnistError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
+        raise KmnistError(f"{path}: not a readable kmnist checkpoint (not a whole file written by torch.save: "
+                          f"another kind of file, or cut short)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
