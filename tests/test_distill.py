@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,9 @@ import torch.nn.functional as F
 from kmnist import runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import TrainConfig
-from kmnist.errors import KmnistError
-from kmnist.train import Teacher, Trainer, fit
+from kmnist.errors import KmnistError, KmnistWarning
+from kmnist.runner import train_run
+from kmnist.train import Teacher, Trainer, check_teacher, fit
 
 TINY = TrainConfig(epochs=3, val_size=100, batch_size=32, lr=3e-3, threads=1,
                    model_args={"token_hidden": 64, "channel_hidden": 64})
@@ -131,3 +133,19 @@ def test_the_graphed_step_distils_as_the_eager_loop_does(teacher_path: Path, tin
     for got, expected in zip(graphed, eager):
         for key in ("train_loss", "val_acc", "test_loss"):
             assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+
+
+def test_every_run_checks_its_teacher_before_writing_anything(teacher_path: Path, data_dir: Path,
+                                                              tmp_path: Path) -> None:
+    # train_run is what `kmnist train` and every sweep trial go through: a teacher that cannot serve fails there,
+    # leaving no run folder, and one trained on another validation split is warned about.
+    with pytest.raises(KmnistError, match="checkpoint not found"):
+        train_run(_with(TINY, teacher=str(tmp_path / "missing.pt")), tmp_path / "a", data_dir, check_md5=False)
+    with pytest.raises(KmnistError, match="trained on kmnist; this run trains on k49"):
+        train_run(_with(TINY, dataset="k49", teacher=str(teacher_path)), tmp_path / "b", data_dir, check_md5=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    with pytest.warns(KmnistWarning, match="without this run's validation split"):
+        check_teacher(_with(TINY, teacher=str(teacher_path), seed=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the teacher's own split: nothing to warn about
+        check_teacher(_with(TINY, teacher=str(teacher_path)))

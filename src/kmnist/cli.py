@@ -7,12 +7,13 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
 from kmnist import __version__
 from kmnist.config import FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file, parse_scalar, resolve_config
-from kmnist.errors import KmnistError
+from kmnist.errors import KmnistError, KmnistWarning
 
 EPOCH_COLUMNS = (("epoch", "{:>5}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"), ("val_loss", "{:>8.4f}"),
                  ("val_acc", "{:>7.2f}"), ("test_acc", "{:>8.2f}"), ("lr", "{:>8.1e}"), ("epoch_seconds", "{:>7.1f}"))
@@ -104,21 +105,6 @@ def check_device(config: TrainConfig) -> None:
     if emulates_bf16(training_device(config), config.precision):
         print("kmnist: warning: this CPU has no bf16 matrix units (AMX or AVX512-BF16), so --precision bf16 runs "
               "emulated, many times slower than fp32 (--precision auto picks fp32 here)", file=sys.stderr)
-
-
-def check_teacher(config: TrainConfig) -> None:
-    """Before any work: a one-line error where --teacher is not a checkpoint, a warning where the teacher may have
-    learned from this run's validation images (another split), which would flatter the validation score."""
-    if not config.teacher:
-        return
-    from kmnist.checkpoint import load_checkpoint
-
-    own = load_checkpoint(config.teacher)["config"]
-    if config.val_size and (own.get("dataset"), own.get("val_size"), own.get("seed")) != (
-            config.dataset, config.val_size, config.seed):
-        print(f"kmnist: warning: the teacher {config.teacher} was trained without this run's validation split "
-              f"(its --val-size {own.get('val_size')} --seed {own.get('seed')}, here {config.val_size} / "
-              f"{config.seed}), so it may have learned from images this run validates on", file=sys.stderr)
 
 
 def show_progress(args: argparse.Namespace) -> bool:
@@ -213,7 +199,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
     check_device(config)
-    check_teacher(config)
     data_dir = data_dir_from_args(args)
     progress = show_progress(args)
     print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "
@@ -688,6 +673,17 @@ def build_parser() -> Parser:
     return parser
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """kmnist's own warnings as one line on stderr; any other as Python shows it."""
+    if issubclass(category, KmnistWarning):
+        print(f"kmnist: warning: {message}", file=sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -700,6 +696,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from kmnist.cpu import keep_freed_memory
 
     keep_freed_memory()
+    warnings.showwarning = _show_warning
     try:
         return args.handler(args)
     except KmnistError as error:

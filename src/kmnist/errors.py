@@ -7,6 +7,10 @@ class KmnistError(Exception):
     exit_code = 2
 
 
+class KmnistWarning(UserWarning):
+    """Something the user should know that does not stop the work; the CLI prints it on one line."""
+
+
 class DataError(KmnistError):
     """A data file is missing, corrupted or malformed."""
 

@@ -17,12 +17,14 @@ from kmnist.errors import KmnistError
 from kmnist.metrics import confusion_matrix, predict_logits
 from kmnist.models import create_model
 from kmnist.runinfo import environment
-from kmnist.train import fit, select_device
+from kmnist.train import check_teacher, fit, select_device
 
 def prepare_run(config: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
     """Check the run directory (writing nothing); on resume, return the saved config instead."""
     run_dir = Path(run_dir)
     create_model(config.model, **config.model_args)  # a bad model name or argument fails before any work
+    if config.teacher and not resume:
+        check_teacher(config)
     if resume:
         if not (run_dir / runs.CONFIG).is_file():
             raise KmnistError(f"cannot resume: {run_dir} holds no {runs.CONFIG}")

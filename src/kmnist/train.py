@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -19,7 +20,7 @@ from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoin
 from kmnist.config import TrainConfig, same_experiment
 from kmnist.cpu import keep_freed_memory
 from kmnist.data import Dataset, Split, normalize, pixel_stats, selection_metric, split_validation
-from kmnist.errors import KmnistError, TrainingDiverged
+from kmnist.errors import KmnistError, KmnistWarning, TrainingDiverged
 from kmnist.graphed import GraphedStep
 from kmnist.metrics import (accuracy, autocast_for, balanced_accuracy, confusion_matrix, cross_entropy,
                             predict_logits)
@@ -124,6 +125,21 @@ class WeightAverage:
                 average.lerp_(current, 1 - decay)
             else:  # BatchNorm's batch counter
                 average.copy_(current)
+
+
+def check_teacher(config: TrainConfig) -> None:
+    """Before a run writes anything: a one-line error where --teacher is not a checkpoint of this dataset, and a
+    KmnistWarning where the teacher was trained without the run's validation split, so that it may have learned
+    from the images the run is chosen on (which would flatter the validation score)."""
+    payload = load_checkpoint(config.teacher)
+    if payload["dataset"] != config.dataset:
+        raise KmnistError(f"--teacher {config.teacher} was trained on {payload['dataset']}; this run trains on "
+                          f"{config.dataset}")
+    own = payload["config"]
+    if config.val_size and (own.get("val_size"), own.get("seed")) != (config.val_size, config.seed):
+        warnings.warn(f"the teacher {config.teacher} was trained without this run's validation split (its "
+                      f"--val-size {own.get('val_size')} --seed {own.get('seed')}, here {config.val_size} / "
+                      f"{config.seed}), so it may have learned from images this run validates on", KmnistWarning)
 
 
 class Teacher:
