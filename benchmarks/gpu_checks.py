@@ -34,8 +34,8 @@ The KMNIST files must travel with the working tree: copy them into the ignored f
 Everything lands in OUT/gpu_checks.json (each step's command, exit code, seconds and results),
 OUT/gpu_checks.log, the bench JSON files, and the `kmnist report` of the runs (OUT/results.md,
 OUT/report.html; each other kind of run in OUT/results-<kind>.md, e.g. results-compiled.md or
-results-graph-all-data-large-batch.md); run directories go to a scratch folder, as checkpoints need
-not come back.
+results-graph-all-data-large-batch.md) and each run's config, summary, metrics and environment in
+OUT/runs/<run>/. Runs train in a scratch folder, removed at the end, as checkpoints need not come back.
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ COMPILE = "reduce-overhead"  # torch.compile with CUDA graphs: launch overhead i
 # and 0.8 tied on best validation accuracy (99.34 / 99.36%) and 0.4 ended higher (99.32 / 99.28%), which is what a
 # --val-size 0 run ends with (docs/benchmarks.md).
 LARGE_BATCH = ["--batch-size", "1024", "--lr", "0.4"]
+RUN_FILES = ("config.json", "summary.json", "metrics.csv", "environment.json")  # what comes back of each run
 
 
 def run_step(name: str, args: list[str], log: io.TextIOBase) -> dict:
@@ -193,8 +194,18 @@ def main() -> int:
             for name in ("results.md", "report.html") if suffix == "" else ("results.md",):
                 if (scratch / f"report{suffix}" / name).is_file():
                     shutil.copy(scratch / f"report{suffix}" / name, out / name.replace(".", f"{suffix}.", 1))
+        keep_run_files()
         print_table(report, out)
         log.flush()
+
+    def keep_run_files() -> None:
+        """Each run's small files to OUT/runs/<run>/; the scratch folder, checkpoints and all, is removed."""
+        for run_dir in sorted(scratch.glob("cnn-*")):
+            for name in RUN_FILES:
+                if (run_dir / name).is_file():
+                    (out / "runs" / run_dir.name).mkdir(parents=True, exist_ok=True)
+                    shutil.copy(run_dir / name, out / "runs" / run_dir.name / name)
+        shutil.rmtree(scratch, ignore_errors=True)
 
     def at_deadline() -> None:
         with lock:  # the main thread is inside a step: keep its epochs so far, then stop everything

@@ -9,12 +9,14 @@ TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip=(.venv/bin/python -m pip --disable-pip-version-check -q)
+wheels=$(mktemp -d)  # a copy of torch's wheel, if this machine has one, to tell which build to install
+trap 'rm -rf "$wheels"' EXIT
 if .venv/bin/python -c "import torch" 2>/dev/null; then
     echo "setup: torch $(.venv/bin/python -c 'import torch; print(torch.__version__)') already installed"
 elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     echo "setup: GPU found, installing $TORCH with CUDA"
     "${pip[@]}" install "$TORCH"
-elif "${pip[@]}" download --no-deps --no-index -d "$(mktemp -d)" "$TORCH" >/dev/null 2>&1; then
+elif "${pip[@]}" download --no-deps --no-index -d "$wheels" "$TORCH" >/dev/null 2>&1; then
     echo "setup: no GPU; installing the CPU build of $TORCH found on this machine"
     "${pip[@]}" install "$TORCH"
 else
