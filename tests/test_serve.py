@@ -16,9 +16,10 @@ import pytest
 from PIL import Image
 
 from conftest import serve_in_thread, synthetic_arrays, write_dataset
+from kmnist.errors import KmnistError
 from kmnist.imageprep import prepare_bytes
 from kmnist.predict import Classifier
-from kmnist.serve import ServeOptions, create_app
+from kmnist.serve import ServeOptions, bind_socket, create_app
 
 with warnings.catch_warnings():
     warnings.filterwarnings("ignore", message="Using `httpx`")  # Starlette prefers httpx2; httpx works the same
@@ -213,6 +214,13 @@ def test_serve_command_on_loopback_and_a_busy_port(tiny_checkpoint: Path) -> Non
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("port", [-1, 65536, 99999])
+def test_a_port_out_of_range_is_a_one_line_error(port: int) -> None:
+    """Not a wrapped-around port (99999 would listen on 34463) nor a resolver message."""
+    with pytest.raises(KmnistError, match=f"port must be between 0 and 65535 .*got {port}$"):
+        bind_socket("127.0.0.1", port)
 
 
 def test_load_script_counts_requests_and_errors(app) -> None:

@@ -242,6 +242,8 @@ def create_app(checkpoint: str | Path, options: ServeOptions = ServeOptions()) -
 
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening-ready TCP socket, so a busy port is a one-line error and port 0 can be reported."""
+    if not 0 <= port <= 65535:  # getaddrinfo would take 99999 as 99999 - 65536 and listen there
+        raise KmnistError(f"port must be between 0 and 65535 (0 picks a free one), got {port}")
     try:
         family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
         sock = socket.socket(family, kind, protocol)
