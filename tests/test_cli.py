@@ -105,6 +105,10 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["sweep", "--grid", "lr=0.001,0.01", "--compile", "cuda-graph", "--device", "cpu", "--out", "sweeps/s"],
      "needs a CUDA device"),
     (["evaluate", "/no/such/checkpoint.pt"], "checkpoint not found"),
+    (["train", "--val-size", "999999"], "val_size must be between 0 and"),  # checked once the data is loaded
+    (["sweep", "--grid", "lr=0.001,0.01", "--val-size", "999999", "--out", "sweeps/s"], "val_size must be between"),
+    (["sweep", "--grid", "lr=0.001,0.01", "--teacher", "/no/such/teacher.pt", "--val-size", "100", "--out", "sweeps/s"],
+     "checkpoint not found"),
 ])
 def test_bad_options_give_one_line(args: list[str], fragment: str, data_dir: Path, tmp_path: Path, monkeypatch,
                                    capsys) -> None:
@@ -113,6 +117,20 @@ def test_bad_options_give_one_line(args: list[str], fragment: str, data_dir: Pat
     code, _, err = run_cli([*args, "--data-dir", str(data_dir), "--skip-md5"] if with_data else args, capsys)
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_a_path_that_cannot_be_written_is_one_line(data_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("taken").write_text("a file where a folder is asked for")
+    code, _, err = run_cli(["train", "--out", "taken/run", "--epochs", "1", "--val-size", "100", "--data-dir",
+                            str(data_dir), "--skip-md5", "--no-progress"], capsys)
+    assert_one_line_error(code, err, "kmnist train: error: taken/run: Not a directory")
+    # The output files of a benchmark are checked before it starts, not after minutes of work.
+    for args, fragment in ((["--json", "taken/x/bench.json"], "--json taken/x/bench.json: taken is a file, not a"),
+                           (["--markdown", "."], "--markdown . is a folder")):
+        code, out, err = run_cli(["bench", *args, "--data-dir", str(data_dir), "--skip-md5"], capsys)
+        assert_one_line_error(code, err, fragment)
+        assert "benchmarking" not in out
 
 
 def test_missing_data_offline(tmp_path: Path, offline: None, monkeypatch, capsys) -> None:

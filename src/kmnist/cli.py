@@ -97,6 +97,21 @@ def data_dir_from_args(args: argparse.Namespace) -> Path:
     return Path(args.data_dir or os.environ.get("KMNIST_DATA") or default_data_dir())
 
 
+def check_output_file(path_text: str | None, option: str) -> None:
+    """Before minutes of work: a one-line error where an output file named by `option` could not be written."""
+    if not path_text:
+        return
+    path = Path(path_text)
+    if path.is_dir():
+        raise KmnistError(f"{option} {path} is a folder; name a file")
+    for folder in (path.parent, *path.parent.parents):
+        if folder.exists() and not folder.is_dir():
+            raise KmnistError(f"{option} {path}: {folder} is a file, not a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(path.parent, os.W_OK):
+        raise KmnistError(f"{option} {path}: cannot write in {path.parent}")
+
+
 def check_device(config: TrainConfig) -> None:
     """Before any work: a one-line error where the config cannot train here, a warning where bf16 runs emulated."""
     from kmnist.metrics import emulates_bf16
@@ -257,6 +272,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise KmnistError("--repeats and --max-batches must be at least 1")
     check_device(config)
+    check_output_file(args.json, "--json")
+    check_output_file(args.markdown, "--markdown")
     dataset = load_dataset(config.dataset, data_dir_from_args(args), check_md5=not args.skip_md5)
     name = args.preset or config.model
     print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "
@@ -702,6 +719,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KmnistError as error:
         print(f"kmnist {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except OSError as error:
+        if error.filename is None:  # not about a path the user named: a fault worth its traceback
+            raise
+        # A path that cannot be written or read: --out naming a file, no permission, a full disk, ...
+        path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
+        print(f"kmnist {args.command}: error: {path}: {error.strerror or error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"kmnist {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -330,13 +330,18 @@ def load_dataset(name: str, data_dir: str | Path, check_md5: bool = True, downlo
 # splits and normalisation
 
 
+def check_val_size(val_size: int, n: int) -> None:
+    """A validation split must leave training images: 0 (none held out) up to n - 1 of the n."""
+    if not 0 <= val_size < n:
+        raise DataError(f"val_size must be between 0 and {n - 1}, got {val_size}")
+
+
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:
     """Carve a class-stratified validation split of val_size images from train, fixed by seed."""
     n = len(train)
+    check_val_size(val_size, n)
     if val_size == 0:
         return train, Split(train.images[:0], train.labels[:0])
-    if not 0 < val_size < n:
-        raise DataError(f"val_size must be between 0 and {n - 1}, got {val_size}")
     generator = torch.Generator().manual_seed(seed)
     labels = train.labels.cpu()
     counts = torch.bincount(labels)

@@ -12,7 +12,7 @@ import torch
 from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict
-from kmnist.data import Dataset, is_balanced, load_dataset, selection_metric
+from kmnist.data import Dataset, check_val_size, is_balanced, load_dataset, selection_metric
 from kmnist.errors import KmnistError
 from kmnist.metrics import confusion_matrix, predict_logits
 from kmnist.models import create_model
@@ -43,6 +43,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
     config = prepare_run(config, run_dir, resume)
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir, check_md5=check_md5, progress=progress)
+    check_val_size(config.val_size, len(dataset.train))  # this needs the dataset's size
     if not resume:  # only now: a user mistake found above (no data, a bad option) leaves no run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
         runs.write_json(run_dir / runs.CONFIG, config.to_dict())

@@ -40,7 +40,7 @@ from typing import IO, Any, Callable, Iterator
 from kmnist import __version__, runs
 from kmnist.config import same_experiment
 from kmnist.data import selection_metric
-from kmnist.errors import KmnistError
+from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.sweep_spec import (SEED, SweepSpec, check_points, corner_points, grid_points, planned_points,
                                point_config, search_space, trial_name)
 
@@ -739,8 +739,8 @@ def describe(spec: SweepSpec) -> dict[str, Any]:
 
 def prepare(spec: SweepSpec, placement: SweepPlacement) -> dict[str, Any]:
     """Check every point, the data and the sweep directory before any work; returns the loaded datasets."""
-    from kmnist.data import load_dataset
-    from kmnist.train import training_device
+    from kmnist.data import check_val_size, load_dataset
+    from kmnist.train import check_teacher, training_device
 
     points = grid_points(spec) if spec.method == "grid" else corner_points(spec)
     check_points(spec, points)
@@ -751,6 +751,12 @@ def prepare(spec: SweepSpec, placement: SweepPlacement) -> dict[str, Any]:
         raise KmnistError(f"a {spec.method} search chooses points by validation accuracy; it needs --val-size > 0")
     datasets = {name: load_dataset(name, placement.data_dir, check_md5=placement.check_md5, progress=False)
                 for name in sorted({config.dataset for config in configs})}
+    for config in configs:  # what every trial would fail on, found once
+        check_val_size(config.val_size, len(datasets[config.dataset].train))
+    with warnings.catch_warnings():  # each trial warns of a teacher's other validation split as it starts
+        warnings.simplefilter("ignore", KmnistWarning)
+        for teacher, dataset in sorted({(c.teacher, c.dataset) for c in configs if c.teacher}):
+            check_teacher(next(c for c in configs if (c.teacher, c.dataset) == (teacher, dataset)))
     Path(placement.out).mkdir(parents=True, exist_ok=True)
     record_sweep(spec, placement)
     return datasets
