@@ -138,6 +138,7 @@ def test_missing_data_offline(tmp_path: Path, offline: None, monkeypatch, capsys
     code, _, err = run_cli(["train", "--data-dir", str(tmp_path / "empty"), "--no-progress"], capsys)
     assert_one_line_error(code, err, "files missing", "train-images-idx3-ubyte.gz", "put the official files in")
     assert not (tmp_path / "runs").exists()  # a user mistake leaves no run directory behind
+    assert not (tmp_path / "empty").exists()  # nor the data folder it named
     code, _, err = run_cli(["download", "--data-dir", str(tmp_path / "empty"), "--no-progress"], capsys)
     assert_one_line_error(code, err, "files missing")
 

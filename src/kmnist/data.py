@@ -262,7 +262,8 @@ def download_file(url: str, destination: Path, remote: RemoteFile, progress: boo
     """Fetch url into a temporary file beside destination; only a file with the right md5 is renamed into place."""
     from tqdm import tqdm
 
-    with atomic_writer(destination) as out, urllib.request.urlopen(url, timeout=30) as response:
+    # Connect first: a failed download leaves no folder behind (a mistyped --data-dir is not created).
+    with urllib.request.urlopen(url, timeout=30) as response, atomic_writer(destination) as out:
         total = int(response.headers.get("Content-Length") or 0) or remote.size
         digest = hashlib.md5()
         with tqdm(total=total, unit="B", unit_scale=True, desc=remote.name, disable=not progress, leave=False) as bar:
