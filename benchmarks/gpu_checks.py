@@ -200,7 +200,7 @@ def main() -> int:
 
     def keep_run_files() -> None:
         """Each run's small files to OUT/runs/<run>/; the scratch folder, checkpoints and all, is removed."""
-        for run_dir in sorted(scratch.glob("cnn-*")):
+        for run_dir in sorted(config.parent for config in scratch.glob("*/config.json")):
             for name in RUN_FILES:
                 if (run_dir / name).is_file():
                     (out / "runs" / run_dir.name).mkdir(parents=True, exist_ok=True)

@@ -755,8 +755,8 @@ def prepare(spec: SweepSpec, placement: SweepPlacement) -> dict[str, Any]:
         check_val_size(config.val_size, len(datasets[config.dataset].train))
     with warnings.catch_warnings():  # each trial warns of a teacher's other validation split as it starts
         warnings.simplefilter("ignore", KmnistWarning)
-        for teacher, dataset in sorted({(c.teacher, c.dataset) for c in configs if c.teacher}):
-            check_teacher(next(c for c in configs if (c.teacher, c.dataset) == (teacher, dataset)))
+        for config in {(c.teacher, c.dataset): c for c in configs if c.teacher}.values():  # once per teacher
+            check_teacher(config)
     Path(placement.out).mkdir(parents=True, exist_ok=True)
     record_sweep(spec, placement)
     return datasets
