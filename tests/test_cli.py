@@ -242,6 +242,19 @@ def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["evaluate", runs_made[0], "--data-dir", str(data_dir), "--skip-md5", "--tta", "26"],
                            capsys)
     assert_one_line_error(code, err, "--tta")
+    # Seed 1 trained on most of seed 0's validation images: scoring the pair there would be inflated.
+    code, _, err = run_cli(["evaluate", *runs_made, "--split", "val", "--data-dir", str(data_dir), "--skip-md5",
+                            "--out", str(tmp_path / "ens-val")], capsys)
+    assert_one_line_error(code, err, "same validation split", "seed 0", "seed 1")
+    code, _, err = run_cli(["evaluate", runs_made[0], runs_made[0], "--split", "val", "--data-dir", str(data_dir),
+                            "--skip-md5", "--out", str(tmp_path / "ens-val")], capsys)
+    assert code == 0, err
+    # Without --out, each evaluation gets its own folder beside the first checkpoint: none replaces another.
+    for extra in ([], ["--tta", "5"], [runs_made[1]], [runs_made[1], "--tta", "5"], ["--split", "val"]):
+        code, _, err = run_cli(["evaluate", runs_made[0], *extra, "--data-dir", str(data_dir), "--skip-md5"], capsys)
+        assert code == 0, err
+    folders = sorted(p.name for p in (tmp_path / "seed0").glob("evaluation-*") if (p / "metrics.json").is_file())
+    assert len(folders) == 5 and "evaluation-test-best" in folders and "evaluation-test-best-tta5" in folders
 
 
 def test_bench_writes_json_and_markdown(data_dir: Path, tmp_path: Path, capsys) -> None:

@@ -554,7 +554,9 @@ def build_parser() -> Parser:
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
     evaluate.add_argument("--batch-size", type=int, default=1024, help="images per forward pass (default: 1024)")
     evaluate.add_argument("--out", metavar="DIR", help="folder for metrics.json and the confusion matrix "
-                                                       "(default: evaluation-<split> beside the first checkpoint)")
+                                                       "(default: beside the first checkpoint, one folder per evaluation: "
+                                                       "evaluation-<split>-<checkpoint>[-tta<N>], "
+                                                       "evaluation-<split>-ensemble<K>-<hash>[-tta<N>])")
     evaluate.add_argument("--tta", type=int, default=1, metavar="N",
                           help="test-time augmentation: average over N shifted views, 1-25: the image, "
                                "its 8 one-pixel shifts, then 16 two-pixel ones (default: 1, off)")

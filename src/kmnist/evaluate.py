@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,6 +35,13 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         config = first["config"]
         if not config["val_size"]:
             raise KmnistError(f"{paths[0]} was trained without a validation split")
+        for path, payload in zip(paths[1:], payloads[1:]):
+            other = payload["config"]
+            if (other["val_size"], other["seed"]) != (config["val_size"], config["seed"]):
+                # Another split: this member trained on most of the first one's validation images.
+                raise KmnistError(f"--split val needs members with the same validation split: {paths[0]} holds out "
+                                  f"{config['val_size']} images with seed {config['seed']}, {path} "
+                                  f"{other['val_size']} with seed {other['seed']}")
         _, images_labels = split_validation(dataset.train, config["val_size"], config["seed"])
     else:
         images_labels = dataset.test
@@ -49,7 +57,7 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
     probabilities /= len(models)
     predicted = probabilities.argmax(dim=1)
     confusion = confusion_matrix(predicted, labels, len(first["class_names"]))
-    out = Path(out) if out else Path(paths[0]).parent / f"evaluation-{split}"
+    out = Path(out) if out else Path(paths[0]).parent / default_folder_name(paths, split, tta)
     png = plots.confusion_matrix(confusion.numpy(), first["class_names"], out / "confusion_matrix.png",
                                  title=f"{split} confusion ({len(models)} checkpoint(s))")
     result = {
@@ -69,6 +77,17 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         result.update(ensemble_gain(result, member_predictions, labels, len(first["class_names"]), paths))
     runs.write_json(out / "metrics.json", result)
     return result
+
+
+def default_folder_name(paths: Sequence[str | Path], split: str, tta: int) -> str:
+    """A folder per evaluation (checkpoint or members, split, views), so that one never replaces another:
+    evaluation-test-best, evaluation-val-last-tta9, evaluation-test-ensemble3-1a2b3c (members' paths hashed)."""
+    if len(paths) == 1:
+        name = f"evaluation-{split}-{Path(paths[0]).stem}"
+    else:
+        members = "\n".join(str(Path(path).resolve()) for path in paths)
+        name = f"evaluation-{split}-ensemble{len(paths)}-{hashlib.sha1(members.encode()).hexdigest()[:6]}"
+    return name + (f"-tta{tta}" if tta > 1 else "")
 
 
 def ensemble_gain(ensemble: dict[str, Any], member_predictions: Sequence[torch.Tensor], labels: torch.Tensor,
