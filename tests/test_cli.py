@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import copy_real
 from kmnist import cli, runs
 from kmnist.cli import main
 
@@ -161,6 +162,22 @@ def test_corrupted_data_file(data_dir: Path, tmp_path: Path, capsys) -> None:
     # With md5 checks on (the default), a file that is not the official one is refused before parsing.
     code, _, err = run_cli(["download", "--data-dir", str(data_dir), "--no-progress"], capsys)
     assert_one_line_error(code, err, "idx3-ubyte.gz", "expected")
+
+
+def test_download_verifies_every_file_of_the_format_asked_for(real_data_dir: Path, tmp_path: Path, offline: None,
+                                                              capsys) -> None:
+    """The npz files are found first; a corrupted idx file must still fail `download --format idx` and `all`."""
+    names = [p.name for p in (real_data_dir / "kmnist").iterdir() if p.suffix in (".gz", ".npz", ".csv")]
+    folder = copy_real(real_data_dir, tmp_path, names) / "kmnist"
+    broken = folder / "t10k-labels-idx1-ubyte.gz"
+    raw = broken.read_bytes()
+    broken.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))  # same size, one bit changed
+    for fmt in ("idx", "all"):
+        code, _, err = run_cli(["download", "--format", fmt, "--data-dir", str(tmp_path), "--no-progress"], capsys)
+        assert_one_line_error(code, err, "t10k-labels-idx1-ubyte.gz", "md5")
+    code, out, err = run_cli(["download", "--format", "npz", "--data-dir", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "kmnist (npz): 60000 train and 10000 test images, 10 classes, verified" in out
 
 
 def test_non_checkpoint_file(tmp_path: Path, capsys) -> None:

@@ -76,3 +76,32 @@ def test_every_preset_trains_on_k49(preset: str, k49_dir: Path, tmp_path: Path) 
     assert 0 <= summary["test_bal_acc_at_best_val"] <= 100
     model = model_from_checkpoint(load_checkpoint(tmp_path / preset / runs.BEST)).eval()
     assert model(torch.zeros(2, 1, 28, 28)).shape == (2, 49)
+
+
+def test_resume_describes_the_saved_run_not_the_defaults(k49_dir: Path, tmp_path: Path, capsys) -> None:
+    """`--resume RUN` alone: the model, dataset, columns and epochs to go are the saved run's."""
+    run_dir = tmp_path / "run"
+    config = resolve_config(overrides={"dataset": "k49", "model": "resnet-small", "model_args": {"width": 4, "depth": 0},
+                                       "epochs": 3, "val_size": 300, "batch_size": 64, "threads": 1})
+
+    def stop_after_first(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt  # as Ctrl-C after the first epoch
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, run_dir, k49_dir, progress=False, on_epoch=stop_after_first, check_md5=False)
+    code = main(["train", "--resume", str(run_dir), "--data-dir", str(k49_dir), "--skip-md5", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "resuming resnet-small on k49" in out and "val_bal_acc" in out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in ("2", "3")]
+    assert [row[0] for row in rows] == ["2", "3"] and rows[-1][-1] == "0:00:00"  # nothing left after epoch 3 of 3
+    assert runs.read_json(run_dir / runs.SUMMARY)["best_epoch"] in (1, 2, 3)
+    environment = runs.read_json(run_dir / runs.ENVIRONMENT)
+    assert len(environment["resumed"]) == 1 and environment["resumed"][0]["torch"] == environment["torch"]
+    # The same command again may name a model argument at its default; another value is refused.
+    same = ["train", "--resume", str(run_dir), "--data-dir", str(k49_dir), "--skip-md5", "--no-progress",
+            "--dataset", "k49", "--model", "resnet-small", "--model-arg", "width=4", "--model-arg", "depth=0"]
+    assert main([*same, "--model-arg", "dropout=0.0"]) == 0
+    assert main([*same, "--model-arg", "dropout=0.1"]) == 2
+    assert "--model-args" in capsys.readouterr().err.splitlines()[-1]

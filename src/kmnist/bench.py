@@ -54,7 +54,8 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     "tensor" is kmnist's loop with the config as given; "per-sample" is a torchvision-style pipeline
     (a Dataset returning one normalised tensor per index, through a DataLoader) feeding the same
     model, optimiser and training step, in `baseline_precision` (fp32: such pipelines do not
-    autocast). With config.compile set, "eager" (the same loop, not compiled) runs beside them, and
+    autocast), with plain ops in the default layout and without the config's augmentation (which our
+    loop runs, so a ratio for an augmenting config understates ours). With config.compile set, "eager" (the same loop, not compiled) runs beside them, and
     compiling happens before any timing. With max_batches, epochs are cut short and the time is scaled
     to a whole epoch.
     """

@@ -131,18 +131,25 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from kmnist.data import fetch, get_spec, load_dataset
+    from kmnist.data import fetch, get_spec, locate, read_dataset
 
     data_dir = data_dir_from_args(args)
     spec = get_spec(args.dataset)
-    formats = list(spec.formats) if args.format == "all" else [args.format or spec.download_format]
+    if args.format == "all":
+        formats = list(spec.formats)
+    elif args.format:
+        formats = [args.format]
+    else:  # the format already there, else the one the release is fetched in
+        found = locate(spec, data_dir)
+        formats = [found[0] if found else spec.download_format]
     for fmt in formats:
         if fmt not in spec.formats:
             raise KmnistError(f"{spec.name} is released as {', '.join(spec.formats)}, not {fmt}")
-        fetch(spec, data_dir, fmt, progress=show_progress(args))
-    dataset = load_dataset(args.dataset, data_dir, download=False, check_md5=not args.skip_md5)  # verifies
-    print(f"{spec.name}: {len(dataset.train)} train and {len(dataset.test)} test images, "
-          f"{dataset.num_classes} classes, verified, in {data_dir}")
+    for fmt in formats:
+        fmt, folder = fetch(spec, data_dir, fmt, progress=show_progress(args))
+        dataset = read_dataset(spec, fmt, folder, check_md5=not args.skip_md5)  # every file of this format
+        print(f"{spec.name} ({fmt}): {len(dataset.train)} train and {len(dataset.test)} test images, "
+              f"{dataset.num_classes} classes, {'not md5-checked' if args.skip_md5 else 'verified'}, in {folder}")
     return 0
 
 
@@ -194,22 +201,37 @@ def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir:
         given.append("model_args")
     if args.config or args.preset:  # these may set any field
         given = [name for name in FIELDS if name not in PLACEMENT_FIELDS]
-    changed = [name for name in given if getattr(config, name) != saved.get(name)]
+    changed = [name for name in given if name != "model_args" and getattr(config, name) != saved.get(name)]
+    if "model_args" in given and not same_model_args(config.model, config.model_args, saved):
+        changed.append("model_args")
     if changed:
         raise KmnistError(f"--resume continues {run_dir} with its saved configuration; these options differ from "
                           f"it: {', '.join('--' + name.replace('_', '-') for name in changed)}")
+
+
+def same_model_args(model: str, model_args: dict[str, Any], saved: dict[str, Any]) -> bool:
+    """Whether the given model arguments build what the saved run built (a default given explicitly or not)."""
+    from kmnist.models import resolve_model_args
+
+    if model != saved.get("model"):
+        return False
+    try:
+        return resolve_model_args(model, model_args) == resolve_model_args(model, saved.get("model_args") or {})
+    except KmnistError:  # a saved argument this version does not know
+        return model_args == saved.get("model_args")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from kmnist.data import is_balanced
-    from kmnist.runner import train_run
+    from kmnist.runner import prepare_run, train_run
 
     config = config_from_args(args)
     if args.resume:
         run_dir = Path(args.resume)
         check_resume_options(args, config, run_dir)
+        config = prepare_run(config, run_dir, resume=True)  # the saved run (model, dataset, epochs, precision)
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
@@ -530,7 +552,8 @@ def build_parser() -> Parser:
     add_data_options(download)
     download.add_argument("--dataset", choices=("kmnist", "k49"), default="kmnist", help="(default: kmnist)")
     download.add_argument("--format", choices=("idx", "npz", "all"), default=None,
-                          help="file format to fetch (default: idx for kmnist, npz for k49)")
+                          help="file format to fetch and verify (default: the format already present, else idx for "
+                               "kmnist and npz for k49)")
     download.add_argument("--no-progress", action="store_true", help="no progress bars")
     download.set_defaults(handler=cmd_download)
 

@@ -310,6 +310,11 @@ def load_dataset(name: str, data_dir: str | Path, check_md5: bool = True, downlo
             raise DataError(f"{spec.name} files not found in {data_dir}: need {names} (from {spec.url})")
         found = fetch(spec, data_dir, progress=progress)
     fmt, folder = found
+    return read_dataset(spec, fmt, folder, check_md5)
+
+
+def read_dataset(spec: DatasetSpec, fmt: str, folder: Path, check_md5: bool = True) -> Dataset:
+    """Verify and read the files of one format in one folder."""
     train_images, train_labels, test_images, test_labels = spec.formats[fmt]
     for remote in spec.formats[fmt]:
         verify_file(folder / remote.name, remote, check_md5)

@@ -13,6 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from kmnist.files import atomic_writer  # noqa: E402
+
 _FONT_READY = False
 
 
@@ -30,9 +32,11 @@ def _use_kana_font() -> None:
 
 def _save(figure: plt.Figure, path: Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(figure)
+    try:
+        with atomic_writer(path) as out:  # a cut-off write leaves the previous figure, not half a file
+            figure.savefig(out, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(figure)
     return path
 
 

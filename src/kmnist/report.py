@@ -25,7 +25,8 @@ CURVES = "curves"
 
 NOTES = (
     "Mean ± sample standard deviation over seeds (n − 1 in the denominator); *seeds* is the number of runs.",
-    "*Test acc at best val epoch*: the test accuracy of the epoch with the best validation accuracy — "
+    "*Test acc at best val epoch*: the test accuracy of the epoch with the best validation accuracy (balanced "
+    "accuracy for imbalanced datasets such as K49) — "
     "the honest estimate, since the epoch is chosen without looking at the test set.",
     "*Max test acc*: the highest test accuracy over all epochs — the epoch is chosen **on the test set**, as the "
     "report measured it. It is optimistic and is shown only to compare with the report.",
@@ -122,7 +123,8 @@ def write_figures(results: Results, out: Path, vs: str | None) -> dict[str, Any]
     for group in results.groups:
         for run in group.runs:
             path = plots.learning_curves(runs.read_metrics(run.run_dir), out / CURVES / f"{file_stem(run.name)}.png",
-                                         title=f"{run.name} ({run.config['model']} on {run.config['dataset']})")
+                                         title=f"{run.name} ({run.config['model']} on {run.config['dataset']})",
+                                         balanced=is_balanced(run.config["dataset"]))
             figures["curves"].append((group.label, run.name, path))
     if results.groups:
         figures["overlay"] = plots.overlay_curves([group_curves(group) for group in results.groups], out / OVERLAY)

@@ -176,7 +176,8 @@ def collect(paths: Iterable[str | Path]) -> Results:
 
     all_runs = read_runs(paths)
     groups, varying = group_runs(all_runs)
-    hardware = sorted({hardware_summary(run.environment) for run in all_runs if run.complete and run.environment})
+    hardware = sorted({hardware_summary(env) for run in all_runs if run.complete and run.environment
+                       for env in (run.environment, *run.environment.get("resumed", []))})  # every session's
     return Results(groups, [run for run in all_runs if not run.complete], varying, hardware)
 
 

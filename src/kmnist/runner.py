@@ -14,6 +14,7 @@ from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict
 from kmnist.data import Dataset, check_val_size, is_balanced, load_dataset, selection_metric
 from kmnist.errors import KmnistError
+from kmnist.files import atomic_writer
 from kmnist.metrics import confusion_matrix, predict_logits
 from kmnist.models import create_model
 from kmnist.runinfo import environment
@@ -49,22 +50,37 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
         runs.write_json(run_dir / runs.CONFIG, config.to_dict())
     if config.threads:  # before environment(), so environment.json records the threads the run uses
         torch.set_num_threads(config.threads)
-    runs.write_json(run_dir / runs.ENVIRONMENT, environment())
+    record_environment(run_dir, resumed=resume)
     # A run cut off before its first epoch ended has no last.pt: it simply starts again.
     history = fit(config, dataset, run_dir, resume=resume and (run_dir / runs.LAST).is_file(),
                   progress=progress, on_epoch=on_epoch)
-    return finish_run(run_dir, dataset, history, device=config.device)
+    return finish_run(run_dir, dataset, history, device=config.device, precision=config.precision)
 
 
-def finish_run(run_dir: Path, dataset: Dataset, history: list[dict[str, Any]], device: str = "auto") -> dict:
+def record_environment(run_dir: Path, resumed: bool) -> None:
+    """environment.json: where the run started; a resumed run keeps that and adds each later session's
+    environment under "resumed" (a run begun on a GPU and finished on a CPU says so)."""
+    path = run_dir / runs.ENVIRONMENT
+    now = environment()
+    if resumed and path.is_file():
+        first = runs.read_json(path)
+        first["resumed"] = [*first.get("resumed", []), now]
+        now = first
+    runs.write_json(path, now)
+
+
+def finish_run(run_dir: Path, dataset: Dataset, history: list[dict[str, Any]], device: str = "auto",
+               precision: str = "auto") -> dict:
     """Test predictions of the validation-selected model, summary.json and the run's figures."""
     run_dir = Path(run_dir)
     payload = load_checkpoint(run_dir / runs.BEST)
     model = model_from_checkpoint(payload).to(select_device(device))
-    logits = predict_logits(model, dataset.test.images, **payload["normalization"])
+    # The run's precision: the saved predictions and figures are those of the model the epoch table scored.
+    logits = predict_logits(model, dataset.test.images, precision=precision, **payload["normalization"])
     probabilities = torch.softmax(logits, dim=1).cpu().numpy()
-    np.savez_compressed(run_dir / runs.PREDICTIONS, probabilities=probabilities.astype(np.float16),
-                        labels=dataset.test.labels.numpy().astype(np.int16))
+    with atomic_writer(run_dir / runs.PREDICTIONS) as out:
+        np.savez_compressed(out, probabilities=probabilities.astype(np.float16),
+                            labels=dataset.test.labels.numpy().astype(np.int16))
     summary = runs.summarize(history, select_on=selection_metric(dataset.name))
     summary["best_checkpoint_epoch"] = payload["epoch"]
     runs.write_json(run_dir / runs.SUMMARY, summary)
