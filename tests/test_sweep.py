@@ -171,3 +171,24 @@ def test_sigkill_mid_trial_then_restart(data_dir: Path, tmp_path: Path) -> None:
     assert not any(t.state.name in ("RUNNING", "WAITING") for t in trials)
     assert (out / LOCKS).is_dir()
     assert not any(lock_is_held(path) for path in (out / WORKERS).iterdir())  # no worker left behind
+
+
+def test_best_setting_is_the_best_mean_over_seeds_not_the_luckiest_run() -> None:
+    from types import SimpleNamespace
+
+    from kmnist.sweep import Ledger, best_setting
+    from kmnist.sweep_spec import trial_name
+
+    spec = build_spec(grid=["lr=0.001,0.002"], seeds=3)
+    ledger = Ledger(spec)
+    scores = {0.001: [99.0, 95.0, 95.0], 0.002: [97.0, 97.0, 97.0]}  # one lucky seed against a steady setting
+    for lr, values in scores.items():
+        for seed, value in enumerate(values):
+            point = {"lr": lr, "seed": seed}
+            key = trial_name(spec, point)
+            ledger.points[key] = point
+            summary = {"best_val_acc": value, "test_acc_at_best_val": value - 1, "selected_on": "val_acc"}
+            ledger.complete[key] = SimpleNamespace(user_attrs={"summary": summary})
+    best = best_setting(spec, ledger)
+    assert best["point"] == "lr=0.002" and best["runs"] == 3
+    assert best["value"] == pytest.approx(97.0) and best["summary"]["test_acc_at_best_val"] == pytest.approx(96.0)

@@ -494,10 +494,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
           f"({format_duration(result['seconds'])} this time)")
     if result["best"] is not None:
         summary = result["best"]["summary"]
-        text = f"  best by validation: {result['best']['point']}: val {result['best']['value']:.2f}%"
+        runs_of_best = result["best"]["runs"]
+        mean = "" if runs_of_best == 1 else f"mean over {runs_of_best} seeds, "
+        text = f"  best by validation: {result['best']['point']}: {mean}val {result['best']['value']:.2f}%"
         if summary.get("test_acc_at_best_val") is not None:
-            text += f", test at that epoch {summary['test_acc_at_best_val']:.2f}%"
-        if summary.get("selected_on") == "val_bal_acc":
+            text += f", test at the chosen epochs {summary['test_acc_at_best_val']:.2f}%"
+        if summary.get("selected_on") == "val_bal_acc" and summary.get("test_bal_acc_at_best_val") is not None:
             text += f" (balanced {summary['test_bal_acc_at_best_val']:.2f}%)"
         print(text)
     for failure in result["failed"]:

@@ -42,7 +42,7 @@ from kmnist.config import same_experiment
 from kmnist.data import selection_metric
 from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.sweep_spec import (SEED, SweepSpec, check_points, corner_points, grid_points, planned_points,
-                               point_config, search_space, trial_name)
+                               format_value, point_config, search_space, trial_name)
 
 SWEEP_FILE = "sweep.json"
 DATABASE = "optuna.db"
@@ -617,6 +617,33 @@ class Progress:
     failed: list[dict[str, Any]]
 
 
+def best_setting(spec: SweepSpec, ledger: Ledger) -> dict[str, Any] | None:
+    """The setting (a point without its seed) with the best mean validation score over its finished seeds.
+
+    The mean, not the best single run: with several seeds the luckiest seed would flatter its setting.
+    Its test accuracies are the means over the same runs, at each run's validation-chosen epoch.
+    """
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for key, t in ledger.complete.items():
+        point = ledger.points.get(key)
+        if point is None:  # not planned by this ledger: its run name stands for it
+            setting = key
+        else:
+            setting = ",".join(f"{name}={format_value(point[name])}" for name in spec.swept_names) or "the one setting"
+        groups.setdefault(setting, []).append(t.user_attrs.get("summary") or {})
+    best = None
+    for setting, summaries in groups.items():
+        value = sum(map(objective_value, summaries)) / len(summaries)
+        if best is None or value > best["value"]:
+            mean = {}
+            for name in ("test_acc_at_best_val", "test_bal_acc_at_best_val"):
+                values = [summary[name] for summary in summaries if summary.get(name) is not None]
+                mean[name] = sum(values) / len(values) if len(values) == len(summaries) else None
+            mean["selected_on"] = summaries[0].get("selected_on")
+            best = {"point": setting, "value": value, "runs": len(summaries), "summary": mean}
+    return best
+
+
 def read_progress(spec: SweepSpec, trials: list[Any], ledger: Ledger,
                   epochs_per_point: Callable[[dict], int]) -> Progress:
     planned = planned_points(spec)
@@ -629,11 +656,7 @@ def read_progress(spec: SweepSpec, trials: list[Any], ledger: Ledger,
             reported[key] = max(reported.get(key, 0), len(t.intermediate_values))
     epochs_done = sum(epochs_of[key] if ledger.finished(key) else min(reported.get(key, 0), epochs_of[key])
                       for key in epochs_of)
-    best = None
-    for key, t in ledger.complete.items():
-        summary = t.user_attrs.get("summary") or {}
-        if best is None or objective_value(summary) > best["value"]:
-            best = {"point": key, "value": objective_value(summary), "summary": summary}
+    best = best_setting(spec, ledger)
     failed = [{"point": key, "error": t.user_attrs.get("error", "")} for key, t in sorted(ledger.failed.items())]
     failed += [{"point": f"(trial {t.number})", "error": t.user_attrs["error"]} for t in ledger.failed_unplaced]
     done = sum(ledger.finished(key) for key in ledger.points)
