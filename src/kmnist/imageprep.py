@@ -86,6 +86,8 @@ def _shrink(image: Image.Image) -> Image.Image:
 def _greyscale(image: Image.Image) -> np.ndarray:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float greyscale
         values = np.asarray(image, dtype=np.float32)
+        # Values all <= 255 in a 16-bit image: 8-bit data in a wider container (a true 16-bit image that
+        # dark would be black to the eye), so read as 8-bit.
         scale = 1.0 if image.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
         return np.clip(values / scale, 0, 1)
     if not _has_alpha(image):
