@@ -34,7 +34,7 @@ def test_axes_are_typed_like_their_fields() -> None:
     ({"grid": ["lr="]}, "NAME=V1,V2"),
     ({"grid": ["lr=0.1,,0.2"]}, "empty value"),
     ({"grid": ["lr=0.1,0.10"]}, "more than once"),
-    ({"grid": ["batch_size=64,big"]}, "batch_size must be a number"),
+    ({"grid": ["batch_size=64,big"]}, "batch_size must be a whole number"),
     ({"grid": ["lr=1e-4..1e-1"]}, "a grid needs lists of values"),
     ({"grid": ["preset=report-row1,nope"]}, "unknown preset 'nope'"),
     ({"grid": ["lr=0.1,0.2", "lr=0.3"]}, "axis given twice"),

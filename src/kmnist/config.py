@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,18 +86,28 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise KmnistError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for item in dataclasses.fields(self):
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise KmnistError(f"{item.name} must be a finite number, got {value}")
         if not self.lr > 0:
             raise KmnistError(f"lr must be positive, got {self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise KmnistError(f"seed must be between 0 and {2**32 - 1}, got {self.seed}")
         for name in ("val_size", "weight_decay", "warmup_epochs", "threads", "plateau_patience", "translate",
                      "rotate", "scale", "shear", "elastic", "mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise KmnistError(f"{name} must not be negative, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise KmnistError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
-        if not 0 <= self.distill_weight <= 1 or self.distill_temperature < 0:
-            raise KmnistError("distill_weight must be in [0, 1] and distill_temperature not negative")
-        if not 0 <= self.erase <= 1 or not 0 <= self.ema < 1:
-            raise KmnistError("erase must be in [0, 1] and ema in [0, 1)")
+        if not 0 <= self.distill_weight <= 1:
+            raise KmnistError(f"distill_weight must be in [0, 1], got {self.distill_weight}")
+        if self.distill_temperature < 0:
+            raise KmnistError(f"distill_temperature must not be negative, got {self.distill_temperature}")
+        if not 0 <= self.erase <= 1:
+            raise KmnistError(f"erase must be in [0, 1], got {self.erase}")
+        if not 0 <= self.ema < 1:
+            raise KmnistError(f"ema must be in [0, 1), got {self.ema}")
         if not 0 < self.plateau_factor < 1:
             raise KmnistError(f"plateau_factor must be in (0, 1), got {self.plateau_factor}")
         if self.compile == "cuda-graph" and (self.mixup or self.cutmix):
@@ -206,7 +217,7 @@ def parse_scalar(text: str, kind: type | None = None, name: str = "value") -> An
             if as_float is not None and as_float.is_integer():
                 return int(as_float)
         if kind is not None:
-            raise KmnistError(f"{name} must be a number, got {text!r}")
+            raise KmnistError(f"{name} must be a {'whole ' if kind is int else ''}number, got {text!r}")
     return text
 
 
