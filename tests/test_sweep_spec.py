@@ -138,3 +138,10 @@ def test_cli_errors_and_dry_run(tmp_path: Path, capsys, monkeypatch) -> None:
     assert main(["sweep", "--sweep", "patch-size", "--dry-run", "--epochs", "2"]) == 0
     out = capsys.readouterr().out
     assert "12 runs" in out and "trials/model_args.patch=14,seed=2" in out and "epochs=2" in out
+
+    # --grid given twice adds axes (it used to keep only the last); an axis given twice is refused.
+    assert main(["sweep", "--grid", "lr=0.1,0.2", "--grid", "batch_size=64,128", "--dry-run", "--out",
+                 str(tmp_path / "g")]) == 0
+    assert "grid sweep over lr, batch_size; seeds 0: 4 runs" in capsys.readouterr().out
+    assert main(["sweep", "--grid", "lr=0.1,0.2", "--grid", "lr=0.3", "--dry-run", "--out", str(tmp_path / "g")]) == 2
+    assert "sweep axis given twice: lr" in capsys.readouterr().err

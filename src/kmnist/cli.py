@@ -672,9 +672,9 @@ def build_parser() -> Parser:
     what = sweep.add_argument_group("what to sweep (give one)")
     what.add_argument("--sweep", metavar="NAME|FILE",
                       help="a bundled sweep (table41, patch-size) or a TOML definition file")
-    what.add_argument("--grid", nargs="+", metavar="AXIS", help="every combination of the listed values")
-    what.add_argument("--random", nargs="+", metavar="AXIS", help="random search (with --trials)")
-    what.add_argument("--tpe", nargs="+", metavar="AXIS", help="Optuna's TPE search (with --trials)")
+    what.add_argument("--grid", nargs="+", action="extend", metavar="AXIS", help="every combination of the listed values")
+    what.add_argument("--random", nargs="+", action="extend", metavar="AXIS", help="random search (with --trials)")
+    what.add_argument("--tpe", nargs="+", action="extend", metavar="AXIS", help="Optuna's TPE search (with --trials)")
     what.add_argument("--trials", type=int, metavar="N", help="random/TPE: points to sample")
     what.add_argument("--seeds", type=int, metavar="N",
                       help="runs per point, seeds --seed, --seed+1, ... (default: 1, or the definition's)")
