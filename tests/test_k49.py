@@ -81,8 +81,9 @@ def test_every_preset_trains_on_k49(preset: str, k49_dir: Path, tmp_path: Path) 
 def test_resume_describes_the_saved_run_not_the_defaults(k49_dir: Path, tmp_path: Path, capsys) -> None:
     """`--resume RUN` alone: the model, dataset, columns and epochs to go are the saved run's."""
     run_dir = tmp_path / "run"
-    config = resolve_config(overrides={"dataset": "k49", "model": "resnet-small", "model_args": {"width": 4, "depth": 0},
-                                       "epochs": 3, "val_size": 300, "batch_size": 64, "threads": 1})
+    config = resolve_config(overrides={"dataset": "k49", "model": "resnet-small",
+                                       "model_args": {"width": 4, "depth": 0}, "epochs": 3, "val_size": 300,
+                                       "batch_size": 64, "threads": 1})
 
     def stop_after_first(row: dict) -> None:
         if row["epoch"] == 1:

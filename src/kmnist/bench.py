@@ -55,9 +55,9 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     (a Dataset returning one normalised tensor per index, through a DataLoader) feeding the same
     model, optimiser and training step, in `baseline_precision` (fp32: such pipelines do not
     autocast), with plain ops in the default layout and without the config's augmentation (which our
-    loop runs, so a ratio for an augmenting config understates ours). With config.compile set, "eager" (the same loop, not compiled) runs beside them, and
-    compiling happens before any timing. With max_batches, epochs are cut short and the time is scaled
-    to a whole epoch.
+    loop runs, so a ratio for an augmenting config understates ours). With config.compile set, "eager"
+    (the same loop, not compiled) runs beside them, and compiling happens before any timing. With
+    max_batches, epochs are cut short and the time is scaled to a whole epoch.
     """
     if config.compile != "off" and "eager" not in pipelines:
         pipelines = (pipelines[0], "eager", *pipelines[1:])  # what compiling gains, measured beside it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -27,6 +28,17 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_number(text: str) -> float:
+    """argparse type: a finite number above 0 (limits, tolerances)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -621,8 +633,9 @@ def build_parser() -> Parser:
     predict.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default: 256)")
     predict.add_argument("--save-preprocessed", metavar="DIR",
                          help="also write the 28x28 image the model saw for each input, as PNG")
-    predict.add_argument("--max-file-mb", type=float, default=20, help="refuse larger files (default: 20)")
-    predict.add_argument("--max-megapixels", type=float, default=50,
+    predict.add_argument("--max-file-mb", type=positive_number, default=20,
+                         help="refuse larger files (default: 20)")
+    predict.add_argument("--max-megapixels", type=positive_number, default=50,
                          help="refuse images with more pixels, before decoding them (default: 50)")
     predict.set_defaults(handler=cmd_predict)
 
@@ -634,7 +647,7 @@ def build_parser() -> Parser:
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
     export.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
     add_data_options(export)
-    export.add_argument("--tolerance", type=float, default=1e-4,
+    export.add_argument("--tolerance", type=positive_number, default=1e-4,
                         help="largest absolute logit difference accepted (default: 1e-4)")
     export.add_argument("--batch-size", type=int, default=1000, help="images per validation batch (default: 1000)")
     export.set_defaults(handler=cmd_export)
@@ -650,8 +663,9 @@ def build_parser() -> Parser:
     serve.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000; 0 picks a free one)")
     add_data_options(serve)
     serve.add_argument("--top-k", type=int, default=5, help="classes per answer unless a request asks (default: 5)")
-    serve.add_argument("--max-upload-mb", type=float, default=5, help="refuse larger request bodies (default: 5)")
-    serve.add_argument("--max-megapixels", type=float, default=16,
+    serve.add_argument("--max-upload-mb", type=positive_number, default=5,
+                       help="refuse larger request bodies (default: 5)")
+    serve.add_argument("--max-megapixels", type=positive_number, default=16,
                        help="refuse images with more pixels, before decoding them (default: 16)")
     serve.add_argument("--threads", type=int, default=1,
                        help="torch threads per request (default: 1; requests already run in parallel)")
@@ -672,7 +686,8 @@ def build_parser() -> Parser:
     what = sweep.add_argument_group("what to sweep (give one)")
     what.add_argument("--sweep", metavar="NAME|FILE",
                       help="a bundled sweep (table41, patch-size) or a TOML definition file")
-    what.add_argument("--grid", nargs="+", action="extend", metavar="AXIS", help="every combination of the listed values")
+    what.add_argument("--grid", nargs="+", action="extend", metavar="AXIS",
+                      help="every combination of the listed values")
     what.add_argument("--random", nargs="+", action="extend", metavar="AXIS", help="random search (with --trials)")
     what.add_argument("--tpe", nargs="+", action="extend", metavar="AXIS", help="Optuna's TPE search (with --trials)")
     what.add_argument("--trials", type=int, metavar="N", help="random/TPE: points to sample")
