@@ -92,7 +92,7 @@ def test_report_files_and_accuracy_against_patch(tmp_path: Path, capsys) -> None
         rows = list(csv.DictReader(handle))
     assert [row["model_args.patch"] for row in rows] == ["2", "7", "14"]
     assert [row["test_acc_at_best_val_mean"] for row in rows] == ["88.5000", "92.5000", "85.5000"]
-    assert rows[0]["test_acc_at_best_val_std"] == "0.7071" and rows[0]["seeds"] == "0 1"
+    assert rows[0]["test_acc_at_best_val_std"] == "0.7071" and rows[0]["seed_values"] == "0 1"
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 + 6
     assert not re.findall(r"""(?:src|href)=['"](?!data:)""", page)
@@ -111,3 +111,28 @@ def test_report_errors(tmp_path: Path, capsys) -> None:
     assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no such directory" in err[0]
+
+
+def test_repeated_seeds_are_named_and_unreadable_files_are_one_line(tmp_path: Path, capsys) -> None:
+    for name in ("a", "b"):  # the same configuration and seed, run twice
+        make_run(tmp_path / "runs" / name, lr=0.01, seed=0)
+    make_run(tmp_path / "runs" / "c", lr=0.01, seed=1)
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 0
+    capsys.readouterr()
+    text = (tmp_path / "out" / "results.md").read_text()
+    assert "3 runs but 2 distinct seed(s); seed 0 was run more than once" in text
+    assert "seed 0 was run more than once" in (tmp_path / "out" / "report.html").read_text()
+    with open(tmp_path / "out" / "results.csv", newline="") as handle:
+        row = next(csv.DictReader(handle))
+    assert row["seed_values"] == "0 0 1" and row["runs"] == "3"
+
+    (tmp_path / "runs" / "c" / runs.SUMMARY).write_text("{garbage")
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "summary.json: not readable JSON" in err[0]
+
+    make_run(tmp_path / "cut" / "d", lr=0.01, complete=False)
+    assert main(["report", str(tmp_path / "cut"), "--out", str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no finished runs to report: 1 run(s) without summary.json" in err[0]
+    assert not (tmp_path / "out2").exists()

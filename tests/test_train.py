@@ -235,3 +235,25 @@ def test_cuda_graph_mode_refuses_a_cpu_and_mixed_batches(tiny_dataset) -> None:
         fit(TrainConfig(**{**TINY.to_dict(), "compile": "cuda-graph", "device": "cpu"}), tiny_dataset, progress=False)
     with pytest.raises(KmnistError, match="mixup/cutmix"):
         TrainConfig(compile="cuda-graph", mixup=0.2)
+
+
+def test_summary_is_written_last_so_a_run_cut_off_in_its_figures_is_not_finished(tiny_dataset, tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """A sweep counts a run with summary.json as finished: every other file must be there by then."""
+    from kmnist import plots
+    from kmnist.runner import train_run
+
+    run_dir = tmp_path / "run"
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 1})
+    drawn = plots.confident_mistakes
+
+    def cut_off(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C while the last figure is drawn
+
+    monkeypatch.setattr(plots, "confident_mistakes", cut_off)
+    with pytest.raises(KeyboardInterrupt):
+        train_run(config, run_dir, tmp_path, progress=False, dataset=tiny_dataset)
+    assert not (run_dir / runs.SUMMARY).exists()
+    monkeypatch.setattr(plots, "confident_mistakes", drawn)
+    train_run(config, run_dir, tmp_path, resume=True, progress=False, dataset=tiny_dataset)
+    assert (run_dir / runs.SUMMARY).is_file() and (run_dir / "confident_mistakes.png").is_file()

@@ -15,7 +15,9 @@ from typing import Any, Iterable
 
 from kmnist import plots, runs
 from kmnist.data import is_balanced
-from kmnist.results import METRICS, TABLE_FIELDS, Results, collect, format_setting, group_curves, versus_field
+from kmnist.errors import KmnistError
+from kmnist.results import (METRICS, TABLE_FIELDS, Group, Results, collect, format_setting, group_curves,
+                            versus_field)
 
 MARKDOWN = "results.md"
 CSV = "results.csv"
@@ -86,15 +88,24 @@ def markdown(results: Results) -> str:
     lines += ["", *(f"- {note}" for note in NOTES)]
     if results.hardware:
         lines.append(f"- Hardware: {'; '.join(results.hardware)}.")
+    for group in results.groups:
+        if group.repeated_seeds:
+            lines.append(f"- {group.label}: {repeated_text(group)}.")
     if results.incomplete:
         lines.append(f"- Not in the table ({len(results.incomplete)} run(s) without summary.json: cut off, running "
                      f"or failed): {', '.join(run.name for run in results.incomplete)}.")
     return "\n".join(lines) + "\n"
 
 
+def repeated_text(group: Group) -> str:
+    seeds = ", ".join(map(str, group.repeated_seeds))
+    return (f"{len(group.runs)} runs but {len(set(group.seeds))} distinct seed(s); seed {seeds} was run more than "
+            "once (the same computation again), so its ± is not a spread over seeds")
+
+
 def csv_text(results: Results) -> str:
     extra = [name for name in results.varying if name not in TABLE_FIELDS]
-    header = ["configuration", *extra, *TABLE_FIELDS, "seeds", "runs"]
+    header = ["configuration", *extra, *TABLE_FIELDS, "seed_values", "runs"]
     for metric in METRICS:
         header += [f"{metric}_mean", f"{metric}_std"]
     header += ["reported_max_test_acc", "run_dirs"]
@@ -166,6 +177,8 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str])
     notes = "".join(f"<li>{_inline_markdown(note)}</li>" for note in NOTES)
     if results.hardware:
         notes += f"<li>Hardware: {html.escape('; '.join(results.hardware))}.</li>"
+    notes += "".join(f"<li>{html.escape(group.label)}: {html.escape(repeated_text(group))}.</li>"
+                     for group in results.groups if group.repeated_seeds)
     parts = [
         "<!DOCTYPE html>", "<html lang='en'><head><meta charset='utf-8'><title>kmnist results</title>",
         "<style>body{font-family:sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
@@ -204,6 +217,9 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str])
 def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None) -> dict[str, Any]:
     """Build every report file in `out` from the run directories below `paths`; returns what was written."""
     results = collect(paths)
+    if not results.groups:
+        raise KmnistError(f"no finished runs to report: {len(results.incomplete)} run(s) without summary.json "
+                          f"(cut off, running or failed): {', '.join(run.name for run in results.incomplete)}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)

@@ -50,6 +50,12 @@ class Group:
         return sorted(run.config.get("seed", 0) for run in self.runs)
 
     @property
+    def repeated_seeds(self) -> list[int]:
+        """Seeds with more than one run in the group: repeats of one computation, not independent seeds."""
+        seeds = self.seeds
+        return sorted({seed for seed in seeds if seeds.count(seed) > 1})
+
+    @property
     def reported_max_test_acc(self) -> float | None:
         return REPORTED_MAX_TEST_ACC.get(self.preset) if self.preset else None
 

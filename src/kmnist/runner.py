@@ -63,9 +63,13 @@ def record_environment(run_dir: Path, resumed: bool) -> None:
     path = run_dir / runs.ENVIRONMENT
     now = environment()
     if resumed and path.is_file():
-        first = runs.read_json(path)
-        first["resumed"] = [*first.get("resumed", []), now]
-        now = first
+        try:
+            first = runs.read_json(path)
+        except KmnistError:  # unreadable: this session's record replaces it
+            first = None
+        if isinstance(first, dict):
+            first["resumed"] = [*first.get("resumed", []), now]
+            now = first
     runs.write_json(path, now)
 
 
@@ -83,13 +87,13 @@ def finish_run(run_dir: Path, dataset: Dataset, history: list[dict[str, Any]], d
                             labels=dataset.test.labels.numpy().astype(np.int16))
     summary = runs.summarize(history, select_on=selection_metric(dataset.name))
     summary["best_checkpoint_epoch"] = payload["epoch"]
-    runs.write_json(run_dir / runs.SUMMARY, summary)
-    write_run_figures(run_dir, dataset)
+    write_run_figures(run_dir, dataset, best_epoch=payload["epoch"])
+    runs.write_json(run_dir / runs.SUMMARY, summary)  # last: a run with summary.json has every file
     return summary
 
 
-def write_run_figures(run_dir: Path, dataset: Dataset) -> None:
-    """The run's PNGs, built from its saved files alone."""
+def write_run_figures(run_dir: Path, dataset: Dataset, best_epoch: int | None = None) -> None:
+    """The run's PNGs, built from its saved files alone (best_epoch: the chosen model's, else from summary.json)."""
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / runs.CONFIG)
     history = runs.read_metrics(run_dir)
@@ -101,8 +105,9 @@ def write_run_figures(run_dir: Path, dataset: Dataset) -> None:
         labels = saved["labels"].astype(np.int64)
     predicted = probabilities.argmax(axis=1)
     confusion = confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(labels), dataset.num_classes)
-    epoch = runs.read_json(run_dir / runs.SUMMARY).get("best_checkpoint_epoch")
+    if best_epoch is None:
+        best_epoch = runs.read_json(run_dir / runs.SUMMARY).get("best_checkpoint_epoch")
     plots.confusion_matrix(confusion.numpy(), dataset.class_names, run_dir / "confusion_matrix.png",
-                           title=f"test, epoch {epoch} model (chosen on validation)")
+                           title=f"test, epoch {best_epoch} model (chosen on validation)")
     plots.confident_mistakes(dataset.test.images.numpy(), labels, probabilities, dataset.class_names,
                              run_dir / "confident_mistakes.png")

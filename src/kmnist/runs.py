@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from kmnist.errors import KmnistError
 from kmnist.files import atomic_writer
 
 CONFIG = "config.json"
@@ -42,7 +43,10 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:  # a file cut short or edited by hand
+        raise KmnistError(f"{path}: not readable JSON ({getattr(error, 'msg', error)})") from None
 
 
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
@@ -56,9 +60,13 @@ def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, float]]:
-    with open(Path(run_dir) / METRICS, newline="", encoding="utf-8") as handle:
-        return [{k: (float(v) if v != "" else float("nan")) if k != "epoch" else int(v) for k, v in row.items()}
-                for row in csv.DictReader(handle)]
+    path = Path(run_dir) / METRICS
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            return [{k: (float(v) if v != "" else float("nan")) if k != "epoch" else int(v) for k, v in row.items()}
+                    for row in csv.DictReader(handle)]
+    except (ValueError, TypeError, UnicodeDecodeError) as error:  # a value that is not a number, a short row
+        raise KmnistError(f"{path}: not a readable metrics table ({error})") from None
 
 
 def summarize(history: list[dict[str, Any]], select_on: str = "val_acc") -> dict[str, Any]:
