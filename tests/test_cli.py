@@ -121,6 +121,8 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["sweep", "--grid", "lr=0.001,0.01", "--compile", "cuda-graph", "--device", "cpu", "--out", "sweeps/s"],
      "needs a CUDA device"),
     (["evaluate", "/no/such/checkpoint.pt"], "checkpoint not found"),
+    (["train", "--bogus"], "kmnist train: error: unrecognized arguments: --bogus"),
+    (["train", "--resume", "old", "--out", "new"], "--resume continues old in place; --out new names another"),
     (["predict", "a.pt", "b.png", "--max-megapixels", "nan"], "--max-megapixels: must be a positive number"),
     (["predict", "a.pt", "b.png", "--max-file-mb", "-1"], "--max-file-mb: must be a positive number"),
     (["serve", "a.pt", "--max-upload-mb", "inf"], "--max-upload-mb: must be a positive number"),
@@ -242,6 +244,29 @@ def test_resume_from_cli_after_kill(data_dir: Path, tmp_path: Path) -> None:
 
     assert strip(runs.read_metrics(run_dir)) == strip(runs.read_metrics(tmp_path / "whole"))
     assert (run_dir / "summary.json").is_file() and (run_dir / "confusion_matrix.png").is_file()
+
+
+def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_advice_can_be_pasted(data_dir: Path, tmp_path: Path) -> None:
+    import os
+    import shlex
+    import signal
+    import time
+
+    run_dir = tmp_path / "a run folder"  # a space: the printed command must quote it
+    base = [sys.executable, "-m", "kmnist", "train", "--data-dir", str(data_dir), "--skip-md5", "--epochs", "30",
+            "--val-size", "100", "--batch-size", "16", "--threads", "1", "--no-progress"]
+    process = subprocess.Popen([*base, "--out", str(run_dir)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    deadline = time.time() + 120
+    while not (run_dir / runs.LAST).exists() and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    advice = err.strip().splitlines()[-1]
+    assert "finished epochs are saved. Continue with: kmnist train --resume" in advice
+    assert shlex.split(advice.split("Continue with: ")[1])[-1] == str(run_dir)
+    assert 1 <= len(runs.read_metrics(run_dir)) < 30
 
 
 def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
+import signal
 import os
 import sys
 import time
@@ -242,6 +244,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.resume:
         run_dir = Path(args.resume)
+        if args.out and Path(args.out).resolve() != run_dir.resolve():
+            raise KmnistError(f"--resume continues {run_dir} in place; --out {args.out} names another folder: "
+                              "give one of them")
         check_resume_options(args, config, run_dir)
         config = prepare_run(config, run_dir, resume=True)  # the saved run (model, dataset, epochs, precision)
     else:
@@ -261,13 +266,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         spent.append(row["epoch_seconds"] + row["eval_seconds"])
         tqdm.write(format_row(row, columns) + f" {format_duration(time_left(spent, row['epoch'], config.epochs)):>8}")
 
+    terminated = []
+
+    def on_terminate(signum: int, frame: Any) -> None:  # `kill` stops a run as Ctrl-C does
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_terminate)
     try:
         summary = train_run(config, run_dir, data_dir, resume=bool(args.resume), progress=progress,
                             on_epoch=on_epoch, check_md5=not args.skip_md5)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished epochs are saved. Continue with: kmnist train --resume {run_dir}",
-              file=sys.stderr)
-        return 130
+        from kmnist import runs
+
+        again = f"kmnist train --resume {shlex.quote(str(run_dir))}"
+        if (run_dir / runs.LAST).is_file():
+            print(f"\ninterrupted; finished epochs are saved. Continue with: {again}", file=sys.stderr)
+        elif (run_dir / runs.CONFIG).is_file():
+            print(f"\ninterrupted before the first epoch ended; start it again with: {again}", file=sys.stderr)
+        else:
+            print("\ninterrupted before the run began; nothing was saved", file=sys.stderr)
+        return 128 + terminated[0] if terminated else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print_summary(summary, run_dir)
     print(f"  files: {', '.join(sorted(p.name for p in run_dir.iterdir() if not p.name.startswith('.')))}")
     return 0
@@ -499,8 +520,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         result = sweep.run_sweep(spec, placement, progress=show_progress(args),
                                  on_trial=lambda event: tqdm.write(format_trial(event)), on_start=on_start)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; finished trials are saved. Continue with the same command (--out {out}).",
-              file=sys.stderr)
+        print("\ninterrupted; finished trials are saved. Continue with the same command "
+              f"(--out {shlex.quote(str(out))}).", file=sys.stderr)
         return 130
     print(f"\nsweep {result['out']}: {result['complete']}/{result['total']} runs complete "
           f"({format_duration(result['seconds'])} this time)")
@@ -746,7 +767,10 @@ _python_show_warning = warnings.showwarning
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # reported by the command's own parser: "kmnist train: error: ..."
+            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+            commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as stop:  # --help, --version, or a bad option (already reported on one line)
         return stop.code if isinstance(stop.code, int) else 2
     if not getattr(args, "handler", None):
