@@ -180,7 +180,8 @@ def markdown_row(result: dict[str, Any]) -> str:
     recipe = result.get("recipe")
     return "| " + " | ".join([
         result["date"], result["name"],
-        result["precision"] + (f", compile {result['compile']['mode']}" if "compile" in result else ""),
+        result["precision"] + (f" ({'bf16' if result['bf16'] else 'fp32'})" if result["precision"] == "auto" else "")
+        + (f", compile {result['compile']['mode']}" if "compile" in result else ""),
         result["hardware"],
         f"{medians['tensor']:.1f}", f"{per_sample:.1f}" if per_sample else "-",
         f"{result['speedup']:.2f}x" if "speedup" in result else "-",

@@ -53,6 +53,8 @@ def make_checkpoint(model: nn.Module, *, model_name: str, model_args: dict[str, 
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint with torch.load(weights_only=True); anything else is a one-line error."""
     path = Path(path)
+    if path.is_dir():
+        raise KmnistError(f"{path} is a folder, not a checkpoint file (e.g. {path / 'best.pt'})")
     if not path.is_file():
         raise KmnistError(f"checkpoint not found: {path}")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end

@@ -108,7 +108,11 @@ def config_values_from_args(args: argparse.Namespace) -> tuple[str | None, dict[
 def data_dir_from_args(args: argparse.Namespace) -> Path:
     from kmnist.data import default_data_dir
 
-    return Path(args.data_dir or os.environ.get("KMNIST_DATA") or default_data_dir())
+    path = Path(args.data_dir or os.environ.get("KMNIST_DATA") or default_data_dir())
+    if path.exists() and not path.is_dir():
+        source = "--data-dir" if args.data_dir else "$KMNIST_DATA" if os.environ.get("KMNIST_DATA") else "data folder"
+        raise KmnistError(f"{source} {path} is a file, not a folder")
+    return path
 
 
 def check_output_file(path_text: str | None, option: str) -> None:
@@ -124,6 +128,18 @@ def check_output_file(path_text: str | None, option: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(path.parent, os.W_OK):
         raise KmnistError(f"{option} {path}: cannot write in {path.parent}")
+
+
+def check_output_folder(path_text: str | None, option: str) -> None:
+    """Before any work: a one-line error where the folder named by `option` is a file, or lies below one."""
+    if not path_text:
+        return
+    path = Path(path_text)
+    if path.exists() and not path.is_dir():
+        raise KmnistError(f"{option} {path} is a file, not a folder")
+    for folder in path.parents:
+        if folder.exists() and not folder.is_dir():
+            raise KmnistError(f"{option} {path}: {folder} is a file, not a folder")
 
 
 def check_device(config: TrainConfig) -> None:
@@ -252,6 +268,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
+        check_output_folder(str(run_dir), "--out")
     check_device(config)
     data_dir = data_dir_from_args(args)
     progress = show_progress(args)
@@ -297,6 +314,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from kmnist.evaluate import evaluate_checkpoints
 
+    check_output_folder(args.out, "--out")
     result = evaluate_checkpoints(args.checkpoints, data_dir_from_args(args), split=args.split,
                                   device=args.device or "auto", expected_model=args.model, out=args.out,
                                   batch_size=args.batch_size, check_md5=not args.skip_md5, tta=args.tta)
@@ -329,8 +347,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_device(config)
     check_output_file(args.json, "--json")
     check_output_file(args.markdown, "--markdown")
+    name = " ".join([args.preset or config.model, *(args.model_arg or [])])  # what was timed, overrides included
+    if args.full:  # its run folder, checked before the measurements rather than after them
+        from kmnist.runner import prepare_run
+
+        run_dir = Path(args.out or f"runs/bench-{(args.preset or config.model)}-{time.strftime('%Y%m%d-%H%M%S')}")
+        check_output_folder(str(run_dir), "--out")
+        prepare_run(config, run_dir, resume=False)
     dataset = load_dataset(config.dataset, data_dir_from_args(args), check_md5=not args.skip_md5)
-    name = args.preset or config.model
     print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "
           f"{args.repeats} run(s) of each measurement", flush=True)
     result = bench.run_benchmark(config, dataset, args.repeats, args.max_batches, compare=not args.no_compare,
@@ -341,7 +365,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.full:
         from kmnist.runner import train_run
 
-        run_dir = Path(args.out or f"runs/bench-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
         print(f"training the full recipe in {run_dir} ...", flush=True)
         result["recipe"] = train_run(config, run_dir, data_dir_from_args(args), progress=show_progress(args),
                                      check_md5=not args.skip_md5)
@@ -386,6 +409,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     classifier = Classifier.from_file(args.checkpoint)
     limits = Limits(max_bytes=int(args.max_file_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6))
+    check_output_folder(args.save_preprocessed, "--save-preprocessed")
     save_dir = Path(args.save_preprocessed) if args.save_preprocessed else None
     if save_dir is not None:
         try:
@@ -502,6 +526,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.out is None and not args.sweep:
         raise KmnistError("--out DIR is needed (the sweep directory; the same --out continues it)")
     out = Path(args.out or Path("sweeps") / spec.name)
+    check_output_folder(str(out), "--out")
     placement = sweep.SweepPlacement(
         out=out, data_dir=data_dir_from_args(args), storage=args.storage, study=args.study, jobs=args.jobs,
         threads=coerce("threads", args.threads) if args.threads is not None else 0,
@@ -551,6 +576,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     if args.out is None and len(args.dirs) != 1:
         raise KmnistError("with several directories, say where the report goes: --out DIR")
+    check_output_folder(args.out, "--out")
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
     result = write_report(args.dirs, out, vs=args.vs)
     print(result["markdown"])

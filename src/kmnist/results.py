@@ -72,6 +72,8 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     """Run directories named directly, or found (by their config.json) anywhere below the given folders."""
     found: list[Path] = []
     for path in map(Path, paths):
+        if path.exists() and not path.is_dir():
+            raise KmnistError(f"{path} is a file; name run or sweep folders")
         if not path.is_dir():
             raise KmnistError(f"no such directory: {path}")
         if (path / runs.CONFIG).is_file():
