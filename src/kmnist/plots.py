@@ -63,6 +63,7 @@ def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = 
     for axis in (acc_axis, loss_axis):
         axis.grid(alpha=0.3)
         axis.legend()
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
     if title:
         figure.suptitle(title)
     return _save(figure, path)
