@@ -145,3 +145,6 @@ def test_cli_errors_and_dry_run(tmp_path: Path, capsys, monkeypatch) -> None:
     assert "grid sweep over lr, batch_size; seeds 0: 4 runs" in capsys.readouterr().out
     assert main(["sweep", "--grid", "lr=0.1,0.2", "--grid", "lr=0.3", "--dry-run", "--out", str(tmp_path / "g")]) == 2
     assert "sweep axis given twice: lr" in capsys.readouterr().err
+    # A dry run checks its points as a real sweep does.
+    assert main(["sweep", "--grid", "lr=-1,0.1", "--dry-run", "--out", str(tmp_path / "g")]) == 2
+    assert "sweep point lr=-1: lr must be positive" in capsys.readouterr().err

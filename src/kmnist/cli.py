@@ -774,7 +774,9 @@ def build_parser() -> Parser:
                              "(default: the only numeric setting that varies)")
     report.set_defaults(handler=cmd_report)
 
-    models = commands.add_parser("models", help="list registered models and their arguments")
+    models = commands.add_parser("models", help="list registered models and their arguments",
+                                 description="Every registered model with its arguments and their defaults; set "
+                                             "them with `kmnist train --model NAME --model-arg KEY=VALUE`.")
     models.set_defaults(handler=cmd_models)
     return parser
 

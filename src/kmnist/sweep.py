@@ -754,7 +754,8 @@ class Monitor:
 
 
 def describe(spec: SweepSpec) -> dict[str, Any]:
-    """What a sweep would run, without running it."""
+    """What a sweep would run, without running it; its points are checked as a real sweep checks them."""
+    check_points(spec, grid_points(spec) if spec.method == "grid" else corner_points(spec))
     names = [trial_name(spec, point) for point in grid_points(spec)] if spec.method == "grid" else []
     return {"method": spec.method, "axes": [axis.to_dict() for axis in spec.axes], "seeds": list(spec.seeds),
             "runs": planned_points(spec), "trial_names": names, "preset": spec.preset, "config": spec.config}
