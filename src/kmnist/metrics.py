@@ -80,7 +80,8 @@ def predict_logits(model: nn.Module, images: torch.Tensor, mean: float, std: flo
 
 def accuracy(predictions: torch.Tensor, labels: torch.Tensor) -> float:
     """Percent of predictions equal to labels."""
-    return float((predictions == labels).float().mean()) * 100 if len(labels) else float("nan")
+    # From the count, in double precision: 4771 of 5000 is 95.42, not float32's 95.4200029...
+    return 100 * int((predictions == labels).sum()) / len(labels) if len(labels) else float("nan")
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> float:
