@@ -188,7 +188,7 @@ def test_bf16_on_a_cpu_without_bf16_units_is_warned_of(fast_bf16: bool, tmp_path
     assert ("no bf16 matrix units" in err) is not fast_bf16
 
 
-def test_corrupted_data_file(data_dir: Path, tmp_path: Path, capsys) -> None:
+def test_corrupted_data_file(data_dir: Path, tmp_path: Path, offline: None, capsys) -> None:
     (data_dir / "kmnist" / "t10k-images-idx3-ubyte.gz").write_bytes(b"\x1f\x8b broken")
     code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(tmp_path / "r"),
                             *SMALL], capsys)
@@ -206,12 +206,45 @@ def test_download_verifies_every_file_of_the_format_asked_for(real_data_dir: Pat
     broken = folder / "t10k-labels-idx1-ubyte.gz"
     raw = broken.read_bytes()
     broken.write_bytes(raw[:-1] + bytes([raw[-1] ^ 1]))  # same size, one bit changed
-    for fmt in ("idx", "all"):
+    for fmt in ("idx", "all"):  # offline: it cannot be fetched again
         code, _, err = run_cli(["download", "--format", fmt, "--data-dir", str(tmp_path), "--no-progress"], capsys)
-        assert_one_line_error(code, err, "t10k-labels-idx1-ubyte.gz", "md5")
+        assert_one_line_error(code, err, "t10k-labels-idx1-ubyte.gz: md5 does not match", "put the official")
+    assert broken.read_bytes() != raw  # left as it was
     code, out, err = run_cli(["download", "--format", "npz", "--data-dir", str(tmp_path), "--no-progress"], capsys)
     assert code == 0, err
     assert "kmnist (npz): 60000 train and 10000 test images, 10 classes, verified" in out
+
+
+def test_download_fetches_a_corrupted_file_again(real_data_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    import io
+    import urllib.request
+
+    from kmnist.data import DATASETS
+
+    spec = DATASETS["kmnist"]
+    names = [f.name for f in (*spec.formats["idx"], spec.classmap)]
+    folder = copy_real(real_data_dir, tmp_path, names) / "kmnist"
+    broken = folder / "t10k-labels-idx1-ubyte.gz"
+    good = broken.read_bytes()
+    broken.write_bytes(good[:100])  # cut short
+
+    class Response(io.BytesIO):
+        headers: dict = {}
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+    asked = []
+    monkeypatch.setattr(urllib.request, "urlopen",
+                        lambda url, timeout=None: asked.append(url) or Response((real_data_dir / "kmnist" /
+                                                                                  url.rsplit("/", 1)[1]).read_bytes()))
+    code, out, err = run_cli(["download", "--data-dir", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0, err
+    assert "t10k-labels-idx1-ubyte.gz: 100 bytes, expected 5120 (truncated or incomplete): downloaded again" in out
+    assert broken.read_bytes() == good and [url.rsplit("/", 1)[1] for url in asked] == [broken.name]
 
 
 def test_non_checkpoint_file(tmp_path: Path, capsys) -> None:

@@ -46,7 +46,7 @@ def test_export_command_validates_on_the_test_split(tiny_checkpoint: Path, data_
 
     # A tolerance no model can meet: the check fails, one line, and nothing is written.
     refused = tmp_path / "refused.onnx"
-    code = main(["export", *common, "--onnx", str(refused), "--tolerance", "-1"])
+    code = main(["export", *common, "--onnx", str(refused), "--tolerance", "1e-300"])  # ONNX Runtime is not bit-exact
     captured = capsys.readouterr()
     assert code != 0 and captured.err.count("\n") == 1 and "differs from PyTorch" in captured.err
     assert not refused.exists() and not list(tmp_path.glob("*.part"))

@@ -136,3 +136,14 @@ def test_repeated_seeds_are_named_and_unreadable_files_are_one_line(tmp_path: Pa
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no finished runs to report: 1 run(s) without summary.json" in err[0]
     assert not (tmp_path / "out2").exists()
+
+
+def test_runs_without_a_validation_split_show_their_final_test_accuracy(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "fixed", val_size=0, max_test=91.0)  # the last epoch's test accuracy is 91.0
+    make_run(tmp_path / "chosen", max_test=92.0)
+    table = markdown(collect([tmp_path]))
+    header = table.splitlines()[0]
+    assert "final test acc (%)" in header
+    column = [cell.strip() for cell in header.split("|")].index("final test acc (%)")
+    values = {line.split("|")[1].strip(): line.split("|")[column].strip() for line in table.splitlines()[2:4]}
+    assert values == {"val_size=0": "91.00", "val_size=5000": "92.00"}

@@ -161,7 +161,7 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    from kmnist.data import fetch, get_spec, locate, read_dataset
+    from kmnist.data import fetch, get_spec, locate, read_dataset, repair
 
     data_dir = data_dir_from_args(args)
     spec = get_spec(args.dataset)
@@ -176,6 +176,9 @@ def cmd_download(args: argparse.Namespace) -> int:
         if fmt not in spec.formats:
             raise KmnistError(f"{spec.name} is released as {', '.join(spec.formats)}, not {fmt}")
     for fmt in formats:
+        if not args.skip_md5:  # a file cut short or corrupted is fetched again, not only reported
+            for what in repair(spec, data_dir, fmt, progress=show_progress(args)):
+                print(f"{what}: downloaded again and verified")
         fmt, folder = fetch(spec, data_dir, fmt, progress=show_progress(args))
         dataset = read_dataset(spec, fmt, folder, check_md5=not args.skip_md5)  # every file of this format
         print(f"{spec.name} ({fmt}): {len(dataset.train)} train and {len(dataset.test)} test images, "

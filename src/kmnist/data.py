@@ -159,13 +159,19 @@ def verify_file(path: Path, remote: RemoteFile, check_md5: bool = True) -> None:
     check_md5=False accepts one's own files in the official format: size and md5 are then not
     compared (the structural checks in read_split still apply).
     """
-    if not check_md5:
-        return
+    problem = file_problem(path, remote) if check_md5 else None
+    if problem:
+        raise DataError(f"{path}: {problem}; `kmnist download` fetches it again")
+
+
+def file_problem(path: Path, remote: RemoteFile) -> str | None:
+    """How a file differs from the official one (size, then md5), or None."""
     size = path.stat().st_size
     if remote.size is not None and size != remote.size:
-        raise DataError(f"{path}: {size} bytes, expected {remote.size} (truncated or incomplete); delete it and download again")
+        return f"{size} bytes, expected {remote.size} (truncated or incomplete)"
     if md5_of(path) != remote.md5:
-        raise DataError(f"{path}: md5 does not match the official {remote.md5} (corrupted); delete it and download again")
+        return f"md5 does not match the official {remote.md5} (corrupted)"
+    return None
 
 
 def read_idx(path: Path, expected_magic: int) -> np.ndarray:
@@ -296,6 +302,28 @@ def fetch(spec: DatasetSpec, data_dir: Path, fmt: str | None = None, progress: b
                 f"put the official files in {folder}"
             ) from None
     return fmt, folder
+
+
+def repair(spec: DatasetSpec, data_dir: Path, fmt: str, progress: bool = True) -> list[str]:
+    """Download again each file of one format (and the class map) that is present but not the official one
+    (cut short, corrupted); the new copy replaces it only once its md5 matches. Returns the names replaced."""
+    replaced = []
+    for folder in dataset_folders(spec, data_dir):
+        for remote in (*spec.formats[fmt], spec.classmap):
+            path = folder / remote.name
+            if not path.is_file():
+                continue
+            problem = file_problem(path, remote)
+            if problem is None:
+                continue
+            try:
+                download_file(spec.url + remote.name, path, remote, progress)
+            except (urllib.error.URLError, OSError, TimeoutError) as error:
+                reason = getattr(error, "reason", error)
+                raise DataError(f"{path}: {problem}; downloading it again from {spec.url} failed ({reason}); "
+                                "put the official file there") from None
+            replaced.append(f"{remote.name}: {problem}")
+    return replaced
 
 
 def load_dataset(name: str, data_dir: str | Path, check_md5: bool = True, download: bool = True,
