@@ -237,3 +237,11 @@ def test_load_script_counts_requests_and_errors(app) -> None:
         bad = load_serve.run_load(url, [b"not an image"], requests=6, clients=2, time_limit=60)
     assert good["requests_sent"] == 40 and good["errors"] == 0 and good["latency_ms"]["p99"] > 0
     assert bad["requests_sent"] == 6 and bad["errors"] == 6 and bad["first_errors"][0] == "status 415"
+
+
+def test_a_malformed_multipart_body_is_a_400_and_no_log_line(client: TestClient, caplog) -> None:
+    with caplog.at_level("DEBUG"):
+        response = client.post("/predict", content=b"--xyz\r\nbroken",
+                               headers={"Content-Type": "multipart/form-data; boundary=abc"})
+    assert response.status_code == 400 and response.json()["code"] == "bad_request"
+    assert not [r for r in caplog.records if r.name.startswith("python_multipart") and r.levelno >= 30]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import random
 import socket
 from dataclasses import dataclass
@@ -133,6 +134,8 @@ def class_font(characters: str) -> bytes | None:
 
 def create_app(checkpoint: str | Path, options: ServeOptions = ServeOptions()) -> FastAPI:
     """The FastAPI application serving one checkpoint (tests drive it without a socket)."""
+    # A malformed multipart body is answered 400 (below); python-multipart's own log line about it is noise.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     classifier = Classifier.from_file(checkpoint)
     limits = Limits(max_bytes=options.max_upload_bytes, max_pixels=options.max_pixels)
     examples, examples_reason = load_examples(classifier.dataset, options)
