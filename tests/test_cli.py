@@ -100,8 +100,8 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["train", "--lr", "inf"], "lr must be a finite number"),
     (["train", "--weight-decay", "nan"], "weight_decay must be a finite number"),
     (["train", "--ema", "1.5"], "ema must be in [0, 1), got 1.5"),
-    (["train", "--seed", "9223372036854775807"], "seed must be between 0 and 4294967295"),
-    (["train", "--seed", "-1"], "seed must be between 0 and"),
+    (["train", "--seed", "9223372036854775807"], "seed must be between -999999999999 and 999999999999"),
+    (["train", "--seed", "-1000000000000"], "seed must be between"),
     (["train", "--preset", "quick-cnn", "--model-arg", "width=0"], "width must be a whole number of at least 1"),
     (["train", "--preset", "quick-cnn", "--model-arg", "width=-3"], "width must be a whole number of at least 1"),
     (["train", "--preset", "quick-cnn", "--model-arg", "depth=-1"], "depth must be a whole number of at least 0"),
@@ -124,10 +124,11 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["evaluate", "/no/such/checkpoint.pt"], "checkpoint not found"),
     (["train", "--bogus"], "kmnist train: error: unrecognized arguments: --bogus"),
     (["train", "--resume", "old", "--out", "new"], "--resume continues old in place; --out new names another"),
-    (["predict", "a.pt", "b.png", "--max-megapixels", "nan"], "--max-megapixels: must be a positive number"),
+    (["predict", "a.pt", "b.png", "--max-megapixels", "nan"], "--max-megapixels: must be a finite number"),
     (["predict", "a.pt", "b.png", "--max-file-mb", "-1"], "--max-file-mb: must be a positive number"),
-    (["serve", "a.pt", "--max-upload-mb", "inf"], "--max-upload-mb: must be a positive number"),
-    (["export", "a.pt", "--onnx", "a.onnx", "--tolerance", "-1"], "--tolerance: must be a positive number"),
+    (["serve", "a.pt", "--max-upload-mb", "inf"], "--max-upload-mb: must be a finite number"),
+    (["serve", "a.pt", "--max-upload-mb", "0"], "--max-upload-mb: must be a positive number"),
+    (["export", "a.pt", "--onnx", "a.onnx", "--tolerance", "-1"], "--tolerance: must be 0 or more"),
     (["train", "--val-size", "999999"], "val_size must be between 0 and"),  # checked once the data is loaded
     (["sweep", "--grid", "lr=0.001,0.01", "--val-size", "999999", "--out", "sweeps/s"], "val_size must be between"),
     (["sweep", "--grid", "lr=0.001,0.01", "--teacher", "/no/such/teacher.pt", "--val-size", "100", "--out", "sweeps/s"],
@@ -245,6 +246,13 @@ def test_download_fetches_a_corrupted_file_again(real_data_dir: Path, tmp_path: 
     assert code == 0, err
     assert "t10k-labels-idx1-ubyte.gz: 100 bytes, expected 5120 (truncated or incomplete): downloaded again" in out
     assert broken.read_bytes() == good and [url.rsplit("/", 1)[1] for url in asked] == [broken.name]
+
+    # Only the folder the dataset is read from: a same-named file of another dataset beside it is not touched.
+    other = tmp_path / broken.name
+    other.write_bytes(b"MNIST's own file, say")
+    code, out, err = run_cli(["download", "--data-dir", str(tmp_path), "--no-progress"], capsys)
+    assert code == 0, err
+    assert other.read_bytes() == b"MNIST's own file, say" and "downloaded again" not in out
 
 
 def test_non_checkpoint_file(tmp_path: Path, capsys) -> None:

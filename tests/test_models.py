@@ -134,3 +134,14 @@ def test_small_resnet_pools_in_fp32_with_the_numbers_of_a_bf16_pool() -> None:
     bf16_logits, bf16_grads = step(lambda x: model.head(model.stages(model.stem(x)).amax(dim=(2, 3))))
     assert torch.equal(logits, bf16_logits)
     assert all(torch.equal(a, b) for a, b in zip(grads, bf16_grads))
+
+
+def test_flags_given_as_0_or_1_are_flags() -> None:
+    """`--model-arg residual=0` reaches the registry as the number 0 (and older runs saved it so)."""
+    from kmnist.models import resolve_model_args
+
+    assert resolve_model_args("report-mixer", {"residual": 0})["residual"] is False
+    assert resolve_model_args("report-mixer", {"residual": 1})["residual"] is True
+    assert create_model("report-mixer", residual=0).blocks[0].residual is False
+    with pytest.raises(KmnistError, match="residual must be true or false"):
+        resolve_model_args("report-mixer", {"residual": 2})

@@ -33,13 +33,28 @@ class Parser(argparse.ArgumentParser):
 
 
 def positive_number(text: str) -> float:
-    """argparse type: a finite number above 0 (limits, tolerances)."""
+    """argparse type: a finite number above 0 (size limits)."""
+    value = finite_number(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def non_negative_number(text: str) -> float:
+    """argparse type: a finite number of at least 0 (a tolerance; 0 asks for exact equality)."""
+    value = finite_number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text!r}")
+    return value
+
+
+def finite_number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
     return value
 
 
@@ -697,7 +712,7 @@ def build_parser() -> Parser:
     export.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
     export.add_argument("--onnx", required=True, metavar="FILE", help="ONNX file to write")
     add_data_options(export)
-    export.add_argument("--tolerance", type=positive_number, default=1e-4,
+    export.add_argument("--tolerance", type=non_negative_number, default=1e-4,
                         help="largest absolute logit difference accepted (default: 1e-4)")
     export.add_argument("--batch-size", type=int, default=1000, help="images per validation batch (default: 1000)")
     export.set_defaults(handler=cmd_export)

@@ -92,8 +92,8 @@ class TrainConfig:
                 raise KmnistError(f"{item.name} must be a finite number, got {value}")
         if not self.lr > 0:
             raise KmnistError(f"lr must be positive, got {self.lr}")
-        if not 0 <= self.seed < 2**32:
-            raise KmnistError(f"seed must be between 0 and {2**32 - 1}, got {self.seed}")
+        if not -SEED_LIMIT < self.seed < SEED_LIMIT:
+            raise KmnistError(f"seed must be between {-SEED_LIMIT + 1} and {SEED_LIMIT - 1}, got {self.seed}")
         for name in ("val_size", "weight_decay", "warmup_epochs", "threads", "plateau_patience", "translate",
                      "rotate", "scale", "shear", "elastic", "mixup", "cutmix"):
             if getattr(self, name) < 0:
@@ -118,6 +118,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Random streams are seeded with (seed * 1_000_003 + epoch) * 8 + stream, which torch takes in 64 bits.
+SEED_LIMIT = 10**12
 
 
 def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:

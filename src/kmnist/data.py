@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import io
 import os
+import shlex
 import struct
 import urllib.error
 import urllib.request
@@ -161,7 +162,7 @@ def verify_file(path: Path, remote: RemoteFile, check_md5: bool = True) -> None:
     """
     problem = file_problem(path, remote) if check_md5 else None
     if problem:
-        raise DataError(f"{path}: {problem}; `kmnist download` fetches it again")
+        raise DataError(f"{path}: {problem}")
 
 
 def file_problem(path: Path, remote: RemoteFile) -> str | None:
@@ -255,6 +256,14 @@ def dataset_folders(spec: DatasetSpec, data_dir: Path) -> list[Path]:
     return [data_dir / spec.name, data_dir]
 
 
+def format_folder(spec: DatasetSpec, data_dir: Path, fmt: str) -> Path:
+    """The folder holding every file of one format, else data_dir/<name>/, where downloads go."""
+    for folder in dataset_folders(spec, data_dir):
+        if all((folder / f.name).is_file() for f in spec.formats[fmt]):
+            return folder
+    return data_dir / spec.name
+
+
 def locate(spec: DatasetSpec, data_dir: Path) -> tuple[str, Path] | None:
     """The first (format, folder) holding every file of one format, or None."""
     for folder in dataset_folders(spec, data_dir):
@@ -289,7 +298,7 @@ def fetch(spec: DatasetSpec, data_dir: Path, fmt: str | None = None, progress: b
     fmt = fmt or spec.download_format
     if fmt not in spec.formats:
         raise DataError(f"{spec.name} is released as {', '.join(spec.formats)}, not {fmt}")
-    folder = data_dir / spec.name
+    folder = format_folder(spec, data_dir, fmt)
     missing = [f for f in (*spec.formats[fmt], spec.classmap) if not (folder / f.name).is_file()]
     for remote in missing:
         try:
@@ -306,23 +315,22 @@ def fetch(spec: DatasetSpec, data_dir: Path, fmt: str | None = None, progress: b
 
 def repair(spec: DatasetSpec, data_dir: Path, fmt: str, progress: bool = True) -> list[str]:
     """Download again each file of one format (and the class map) that is present but not the official one
-    (cut short, corrupted); the new copy replaces it only once its md5 matches. Returns the names replaced."""
+    (cut short, corrupted), in the folder that format is read from (never a same-named file elsewhere); the
+    new copy replaces it only once its md5 matches. Returns what was replaced, and why."""
     replaced = []
-    for folder in dataset_folders(spec, data_dir):
-        for remote in (*spec.formats[fmt], spec.classmap):
-            path = folder / remote.name
-            if not path.is_file():
-                continue
-            problem = file_problem(path, remote)
-            if problem is None:
-                continue
-            try:
-                download_file(spec.url + remote.name, path, remote, progress)
-            except (urllib.error.URLError, OSError, TimeoutError) as error:
-                reason = getattr(error, "reason", error)
-                raise DataError(f"{path}: {problem}; downloading it again from {spec.url} failed ({reason}); "
-                                "put the official file there") from None
-            replaced.append(f"{remote.name}: {problem}")
+    folder = format_folder(spec, data_dir, fmt)
+    for remote in (*spec.formats[fmt], spec.classmap):
+        path = folder / remote.name
+        problem = file_problem(path, remote) if path.is_file() else None
+        if problem is None:
+            continue
+        try:
+            download_file(spec.url + remote.name, path, remote, progress)
+        except (urllib.error.URLError, OSError, TimeoutError) as error:
+            reason = getattr(error, "reason", error)
+            raise DataError(f"{path}: {problem}; downloading it again from {spec.url} failed ({reason}); "
+                            "put the official file there") from None
+        replaced.append(f"{remote.name}: {problem}")
     return replaced
 
 
@@ -344,12 +352,17 @@ def load_dataset(name: str, data_dir: str | Path, check_md5: bool = True, downlo
 def read_dataset(spec: DatasetSpec, fmt: str, folder: Path, check_md5: bool = True) -> Dataset:
     """Verify and read the files of one format in one folder."""
     train_images, train_labels, test_images, test_labels = spec.formats[fmt]
-    for remote in spec.formats[fmt]:
-        verify_file(folder / remote.name, remote, check_md5)
-    classmap_path = folder / spec.classmap.name
-    if classmap_path.is_file():
-        verify_file(classmap_path, spec.classmap, check_md5)
-    else:
+    data_dir = folder.parent if folder.name == spec.name else folder
+    try:
+        for remote in spec.formats[fmt]:
+            verify_file(folder / remote.name, remote, check_md5)
+        classmap_path = folder / spec.classmap.name
+        if classmap_path.is_file():
+            verify_file(classmap_path, spec.classmap, check_md5)
+    except DataError as problem:  # name the command that mends it
+        fix = f"kmnist download --dataset {spec.name} --format {fmt} --data-dir {shlex.quote(str(data_dir))}"
+        raise DataError(f"{problem}; `{fix}` fetches it again") from None
+    if not classmap_path.is_file():
         classmap_path = None  # fall back to the copy shipped with the package
     class_names = read_classmap(classmap_path, spec.name)
     # The official counts are checked only together with the official checksums.

@@ -64,6 +64,8 @@ def _checked(key: str, default: Any, value: Any) -> Any:
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in TRUE + FALSE:
             value = value.lower() in TRUE
+        elif isinstance(value, int) and value in (0, 1):  # `residual=0` reaches here as the number 0
+            value = bool(value)
         if not isinstance(value, bool):
             raise KmnistError(f"model argument {key} must be true or false, got {value!r}")
     elif isinstance(default, int):
