@@ -4,6 +4,7 @@ checkpoint, and a loopback test server."""
 from __future__ import annotations
 
 import gzip
+import io
 import shutil
 import struct
 import zipfile
@@ -157,6 +158,18 @@ def serve_in_thread(app) -> Iterator[str]:
         sock.close()
 
 
+class FakeResponse(io.BytesIO):
+    """What urllib.request.urlopen returns, serving given bytes (downloads without a network)."""
+
+    headers: dict = {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *args):
+        return False
+
+
 def copy_real(real: Path, target: Path, names: list[str]) -> Path:
     folder = target / "kmnist"
     folder.mkdir(parents=True, exist_ok=True)
@@ -165,4 +178,4 @@ def copy_real(real: Path, target: Path, names: list[str]) -> Path:
     return target
 
 
-__all__ = ["write_idx", "write_npz", "write_dataset", "synthetic_arrays", "copy_real", "zipfile"]
+__all__ = ["write_idx", "write_npz", "write_dataset", "synthetic_arrays", "copy_real", "zipfile", "FakeResponse"]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import copy_real
+from conftest import FakeResponse, copy_real
 from kmnist import cli, runs
 from kmnist.cli import main
 
@@ -217,7 +217,6 @@ def test_download_verifies_every_file_of_the_format_asked_for(real_data_dir: Pat
 
 
 def test_download_fetches_a_corrupted_file_again(real_data_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
-    import io
     import urllib.request
 
     from kmnist.data import DATASETS
@@ -229,18 +228,9 @@ def test_download_fetches_a_corrupted_file_again(real_data_dir: Path, tmp_path: 
     good = broken.read_bytes()
     broken.write_bytes(good[:100])  # cut short
 
-    class Response(io.BytesIO):
-        headers: dict = {}
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *args):
-            return False
-
     asked = []
     monkeypatch.setattr(urllib.request, "urlopen",
-                        lambda url, timeout=None: asked.append(url) or Response((real_data_dir / "kmnist" /
+                        lambda url, timeout=None: asked.append(url) or FakeResponse((real_data_dir / "kmnist" /
                                                                                   url.rsplit("/", 1)[1]).read_bytes()))
     code, out, err = run_cli(["download", "--data-dir", str(tmp_path), "--no-progress"], capsys)
     assert code == 0, err

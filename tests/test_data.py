@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-import io
 import shutil
 import struct
 import urllib.request
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import copy_real, synthetic_arrays, write_dataset, write_idx, write_npz
+from conftest import FakeResponse, copy_real, synthetic_arrays, write_dataset, write_idx, write_npz
 from kmnist import data
 from kmnist.data import DATASETS, Split, load_dataset, split_validation
 from kmnist.errors import DataError
@@ -147,16 +146,6 @@ def test_missing_files_offline_names_them(tmp_path: Path, offline: None) -> None
     assert not any((tmp_path / "kmnist").glob("*")), "a failed download must leave nothing behind"
 
 
-class _Response(io.BytesIO):
-    headers: dict = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *args):
-        return False
-
-
 def test_download_verifies_md5_before_renaming(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                real_data_dir: Path) -> None:
     spec = DATASETS["kmnist"]
@@ -165,7 +154,7 @@ def test_download_verifies_md5_before_renaming(tmp_path: Path, monkeypatch: pyte
     corrupt = spec.url + "t10k-labels-idx1-ubyte.gz"
     good = served[corrupt]
     served[corrupt] = good[:-1] + bytes([good[-1] ^ 1])
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: _Response(served[url]))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: FakeResponse(served[url]))
     with pytest.raises(DataError, match="md5"):
         data.fetch(spec, tmp_path, "idx", progress=False)
     assert not (tmp_path / "kmnist" / "t10k-labels-idx1-ubyte.gz").exists()

@@ -69,26 +69,28 @@ def _checked(key: str, default: Any, value: Any) -> Any:
         if not isinstance(value, bool):
             raise KmnistError(f"model argument {key} must be true or false, got {value!r}")
     elif isinstance(default, int):
-        if isinstance(value, str):
-            try:
-                value = int(value)
-            except ValueError:
-                raise KmnistError(f"model argument {key} must be a whole number, got {value!r}") from None
+        value = _parsed(key, value, int, "a whole number")
         minimum = 0 if key in MAY_BE_ZERO else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise KmnistError(f"model argument {key} must be a whole number of at least {minimum}, got {value!r}")
     elif isinstance(default, float):
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise KmnistError(f"model argument {key} must be a number, got {value!r}") from None
+        value = _parsed(key, value, float, "a number")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise KmnistError(f"model argument {key} must be a finite number, got {value!r}")
         value = float(value)
         if key in RATES and not 0 <= value < 1:
             raise KmnistError(f"model argument {key} is a rate: at least 0 and below 1, got {value}")
     return value
+
+
+def _parsed(key: str, value: Any, kind: type, what: str) -> Any:
+    """Text converted to kind (other values as they are); KmnistError naming the argument otherwise."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise KmnistError(f"model argument {key} must be {what}, got {value!r}") from None
 
 
 def create_model(name: str, num_classes: int = 10, **overrides: Any) -> nn.Module:
