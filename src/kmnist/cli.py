@@ -287,6 +287,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
         check_output_folder(str(run_dir), "--out")
+        prepare_run(config, run_dir, resume=False)  # model, arguments, teacher, run folder: before the banner
     check_device(config)
     data_dir = data_dir_from_args(args)
     progress = show_progress(args)
