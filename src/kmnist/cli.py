@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shlex
 import signal
-import os
 import sys
 import time
 import warnings
