@@ -137,9 +137,7 @@ def check_output_file(path_text: str | None, option: str) -> None:
     path = Path(path_text)
     if path.is_dir():
         raise KmnistError(f"{option} {path} is a folder; name a file")
-    for folder in (path.parent, *path.parent.parents):
-        if folder.exists() and not folder.is_dir():
-            raise KmnistError(f"{option} {path}: {folder} is a file, not a folder")
+    check_no_file_above(path, option)
     path.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(path.parent, os.W_OK):
         raise KmnistError(f"{option} {path}: cannot write in {path.parent}")
@@ -152,6 +150,11 @@ def check_output_folder(path_text: str | None, option: str) -> None:
     path = Path(path_text)
     if path.exists() and not path.is_dir():
         raise KmnistError(f"{option} {path} is a file, not a folder")
+    check_no_file_above(path, option)
+
+
+def check_no_file_above(path: Path, option: str) -> None:
+    """A file where one of path's folders should be names itself ("taken is a file"), not a bare "File exists"."""
     for folder in path.parents:
         if folder.exists() and not folder.is_dir():
             raise KmnistError(f"{option} {path}: {folder} is a file, not a folder")

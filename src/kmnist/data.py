@@ -258,17 +258,19 @@ def dataset_folders(spec: DatasetSpec, data_dir: Path) -> list[Path]:
 
 def format_folder(spec: DatasetSpec, data_dir: Path, fmt: str) -> Path:
     """The folder holding every file of one format, else data_dir/<name>/, where downloads go."""
-    for folder in dataset_folders(spec, data_dir):
-        if all((folder / f.name).is_file() for f in spec.formats[fmt]):
-            return folder
-    return data_dir / spec.name
+    return next((folder for folder in dataset_folders(spec, data_dir) if holds(folder, spec.formats[fmt])),
+                data_dir / spec.name)
+
+
+def holds(folder: Path, files: tuple[RemoteFile, ...]) -> bool:
+    return all((folder / f.name).is_file() for f in files)
 
 
 def locate(spec: DatasetSpec, data_dir: Path) -> tuple[str, Path] | None:
     """The first (format, folder) holding every file of one format, or None."""
     for folder in dataset_folders(spec, data_dir):
         for fmt, files in spec.formats.items():
-            if all((folder / f.name).is_file() for f in files):
+            if holds(folder, files):
                 return fmt, folder
     return None
 

@@ -92,8 +92,8 @@ def finish_run(run_dir: Path, dataset: Dataset, history: list[dict[str, Any]], d
     return summary
 
 
-def write_run_figures(run_dir: Path, dataset: Dataset, best_epoch: int | None = None) -> None:
-    """The run's PNGs, built from its saved files alone (best_epoch: the chosen model's, else from summary.json)."""
+def write_run_figures(run_dir: Path, dataset: Dataset, best_epoch: int) -> None:
+    """The run's PNGs, from its saved files and the epoch of the model chosen on validation."""
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / runs.CONFIG)
     history = runs.read_metrics(run_dir)
@@ -105,8 +105,6 @@ def write_run_figures(run_dir: Path, dataset: Dataset, best_epoch: int | None = 
         labels = saved["labels"].astype(np.int64)
     predicted = probabilities.argmax(axis=1)
     confusion = confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(labels), dataset.num_classes)
-    if best_epoch is None:
-        best_epoch = runs.read_json(run_dir / runs.SUMMARY).get("best_checkpoint_epoch")
     plots.confusion_matrix(confusion.numpy(), dataset.class_names, run_dir / "confusion_matrix.png",
                            title=f"test, epoch {best_epoch} model (chosen on validation)")
     plots.confident_mistakes(dataset.test.images.numpy(), labels, probabilities, dataset.class_names,

@@ -753,10 +753,17 @@ class Monitor:
 # the sweep
 
 
+def checked_points(spec: SweepSpec) -> list[dict[str, Any]]:
+    """A grid's points, or a search's corners, each checked to build a valid configuration and model."""
+    points = grid_points(spec) if spec.method == "grid" else corner_points(spec)
+    check_points(spec, points)
+    return points
+
+
 def describe(spec: SweepSpec) -> dict[str, Any]:
     """What a sweep would run, without running it; its points are checked as a real sweep checks them."""
-    check_points(spec, grid_points(spec) if spec.method == "grid" else corner_points(spec))
-    names = [trial_name(spec, point) for point in grid_points(spec)] if spec.method == "grid" else []
+    points = checked_points(spec)
+    names = [trial_name(spec, point) for point in points] if spec.method == "grid" else []
     return {"method": spec.method, "axes": [axis.to_dict() for axis in spec.axes], "seeds": list(spec.seeds),
             "runs": planned_points(spec), "trial_names": names, "preset": spec.preset, "config": spec.config}
 
@@ -766,8 +773,7 @@ def prepare(spec: SweepSpec, placement: SweepPlacement) -> dict[str, Any]:
     from kmnist.data import check_val_size, load_dataset
     from kmnist.train import check_teacher, training_device
 
-    points = grid_points(spec) if spec.method == "grid" else corner_points(spec)
-    check_points(spec, points)
+    points = checked_points(spec)
     configs = [point_config(spec, point) for point in points]
     for point in points:  # --device cuda without one, --compile cuda-graph on a CPU
         training_device(point_config(spec, point, placement.config_placement()))
