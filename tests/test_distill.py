@@ -149,3 +149,21 @@ def test_every_run_checks_its_teacher_before_writing_anything(teacher_path: Path
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the teacher's own split: nothing to warn about
         check_teacher(_with(TINY, teacher=str(teacher_path)))
+
+
+def test_a_resumed_run_whose_teacher_is_gone_fails_before_any_work(teacher_path: Path, data_dir: Path,
+                                                                    tmp_path: Path, capsys) -> None:
+    from kmnist.cli import main
+
+    moved = tmp_path / "teacher.pt"
+    moved.write_bytes(teacher_path.read_bytes())
+    run_dir = tmp_path / "run"
+    code = main(["train", "--teacher", str(moved), "--data-dir", str(data_dir), "--skip-md5", "--epochs", "1",
+                 "--val-size", "100", "--batch-size", "32", "--threads", "1", "--no-progress", "--out", str(run_dir)])
+    assert code == 0, capsys.readouterr().err
+    moved.unlink()
+    stamp = (run_dir / runs.LAST).stat().st_mtime_ns
+    code = main(["train", "--resume", str(run_dir), "--data-dir", str(data_dir), "--skip-md5", "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 2 and "checkpoint not found" in err and "resuming" not in out  # before the banner
+    assert (run_dir / runs.LAST).stat().st_mtime_ns == stamp

@@ -149,3 +149,12 @@ def test_runs_without_a_validation_split_show_their_final_test_accuracy(tmp_path
     column = [cell.strip() for cell in header.split("|")].index("final test acc (%)")
     values = {line.split("|")[1].strip(): line.split("|")[column].strip() for line in table.splitlines()[2:4]}
     assert values == {"val_size=0": "91.00", "val_size=5000": "92.00"}
+
+
+def test_a_finished_run_with_no_epochs_in_its_table_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    run = make_run(tmp_path / "runs" / "a", lr=0.01)
+    (run / runs.METRICS).write_text((run / runs.METRICS).read_text().splitlines()[0] + "\n")  # header only
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.csv holds no epochs" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -226,6 +226,10 @@ def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None
     if not results.groups:
         raise KmnistError(f"no finished runs to report: {len(results.incomplete)} run(s) without summary.json "
                           f"(cut off, running or failed): {', '.join(run.name for run in results.incomplete)}")
+    for run in (run for group in results.groups for run in group.runs):  # before any file is written
+        if not runs.read_metrics(run.run_dir):
+            raise KmnistError(f"{run.run_dir / runs.METRICS} holds no epochs, yet its summary.json says the run "
+                              "finished")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)

@@ -24,15 +24,15 @@ def prepare_run(config: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig
     """Check the run directory (writing nothing); on resume, return the saved config instead."""
     run_dir = Path(run_dir)
     create_model(config.model, **config.model_args)  # a bad model name or argument fails before any work
-    if config.teacher and not resume:
-        check_teacher(config)
     if resume:
         if not (run_dir / runs.CONFIG).is_file():
             raise KmnistError(f"cannot resume: {run_dir} holds no {runs.CONFIG}")
         saved = config_from_dict(runs.read_json(run_dir / runs.CONFIG))
-        return dataclasses.replace(saved, **{name: getattr(config, name) for name in PLACEMENT_FIELDS})
-    if (run_dir / runs.LAST).exists() or (run_dir / runs.METRICS).exists():
+        config = dataclasses.replace(saved, **{name: getattr(config, name) for name in PLACEMENT_FIELDS})
+    elif (run_dir / runs.LAST).exists() or (run_dir / runs.METRICS).exists():
         raise KmnistError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    if config.teacher:  # also on resume: a teacher moved away since is found missing before any work
+        check_teacher(config)
     return config
 
 
