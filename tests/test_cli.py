@@ -89,6 +89,8 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
                              capsys)
     assert code == 0, err
     assert "the final epoch is the result" in out and "test accuracy at that epoch" not in out
+    rows = [line.split() for line in out.splitlines() if line.split()[:1] in (["1"], ["2"])]
+    assert len(rows) == 2 and all(row[3:5] == ["-", "-"] for row in rows), out  # no validation scores: dashes, not nan
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_epoch"] is None and summary["selected_on"] is None
     assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == 2  # best.pt is the final epoch's model

@@ -205,7 +205,9 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def format_row(row: dict[str, Any], columns: tuple = EPOCH_COLUMNS) -> str:
-    return " ".join(fmt.format(row[name]) for name, fmt in columns)
+    """One epoch's line; a score that was not measured (no validation split: NaN) shows as a dash."""
+    return " ".join(f"{'-':>{len(fmt.format(0))}}" if isinstance(row[name], float) and math.isnan(row[name])
+                    else fmt.format(row[name]) for name, fmt in columns)
 
 
 def format_header(columns: tuple = EPOCH_COLUMNS) -> str:
