@@ -158,3 +158,15 @@ def test_a_finished_run_with_no_epochs_in_its_table_is_one_line_and_writes_nothi
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "metrics.csv holds no epochs" in err[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_hardware_names_the_cpu_features_that_set_its_speed() -> None:
+    from kmnist.runinfo import environment, hardware_summary
+
+    # Two CPUs with one model name, one with bf16 matrix units and one without, are told apart.
+    zen5 = {"cpu": "AMD EPYC", "torch_threads": 2, "cpu_features": ["avx2", "avx512f", "avx512_bf16"]}
+    zen3 = {"cpu": "AMD EPYC", "torch_threads": 2, "cpu_features": ["avx2"]}
+    assert hardware_summary(zen5) == "AMD EPYC (AVX512-BF16), 2 threads"
+    assert hardware_summary(zen3) == "AMD EPYC (AVX2), 2 threads"
+    assert hardware_summary({"cpu": "AMD EPYC", "torch_threads": 2}) == "AMD EPYC, 2 threads"  # saved before
+    assert set(environment()["cpu_features"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from kmnist import __version__
+from kmnist.cpu import cpu_flags
 
 
 def cpu_model() -> str:
@@ -23,6 +24,18 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# The instruction sets that decide how fast (and in which precision) training runs on a CPU: one model name
+# ("AMD EPYC") covers CPUs with and without bf16 matrix units, several times apart in speed.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+FEATURE_NAMES = {"amx_bf16": "AMX", "avx512_bf16": "AVX512-BF16", "avx512f": "AVX-512", "avx2": "AVX2"}
+
+
+def cpu_features() -> list[str]:
+    """Which of CPU_FEATURES this CPU has."""
+    flags = cpu_flags()
+    return [name for name in CPU_FEATURES if name in flags]
 
 
 def git_revision() -> str | None:
@@ -55,6 +68,7 @@ def environment() -> dict[str, Any]:
         "numpy": package_version("numpy"),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.version.cuda if torch.cuda.is_available() else None,
@@ -67,4 +81,6 @@ def hardware_summary(env: dict[str, Any]) -> str:
     """One line naming the hardware, for tables and logs."""
     if env.get("gpus"):
         return f"{env['gpus'][0]} (CUDA {env['cuda']})"
-    return f"{env['cpu']}, {env.get('torch_threads')} threads"
+    features = env.get("cpu_features")  # absent from runs saved before it was recorded
+    best = next((FEATURE_NAMES[name] for name in reversed(CPU_FEATURES) if name in (features or [])), None)
+    return f"{env['cpu']}{f' ({best})' if best else ''}, {env.get('torch_threads')} threads"
