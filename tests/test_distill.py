@@ -17,9 +17,7 @@ from kmnist.config import TrainConfig
 from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.runner import train_run
 from kmnist.train import Teacher, Trainer, check_teacher, fit
-
-TINY = TrainConfig(epochs=3, val_size=100, batch_size=32, lr=3e-3, threads=1,
-                   model_args={"token_hidden": 64, "channel_hidden": 64})
+from test_train import GRAPHED_TOLERANCE, TINY
 
 
 @pytest.fixture
@@ -132,7 +130,7 @@ def test_the_graphed_step_distils_as_the_eager_loop_does(teacher_path: Path, tin
     graphed = fit(config, tiny_dataset, progress=False)
     for got, expected in zip(graphed, eager):
         for key in ("train_loss", "val_acc", "test_loss"):
-            assert got[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+            assert got[key] == pytest.approx(expected[key], rel=GRAPHED_TOLERANCE, abs=1e-6), key
 
 
 def test_every_run_checks_its_teacher_before_writing_anything(teacher_path: Path, data_dir: Path,
