@@ -199,7 +199,7 @@ def _graph_without_capture(monkeypatch) -> None:
 
 # The step's learning rates are tensors, rounded unlike Python floats in the last bit; over two epochs that grows
 # to about 1e-4 (1.3e-4 measured on an AVX-512 CPU). A real difference in what is trained moves the losses by far
-# more: a warm-up step left in, or a learning rate 1% off, by 20% or more.
+# more: the warm-up steps left in, or a learning rate 1% off, by 20% or more.
 GRAPHED_TOLERANCE = 1e-3
 
 
