@@ -23,6 +23,8 @@ import httpx
 import numpy as np
 from PIL import Image
 
+from kmnist.runinfo import cpu_model
+
 MAX_REQUESTS = 100_000  # hard bound, whatever is asked
 WARMUP_REQUESTS = 50  # per run, not counted: first requests pay for lazy initialisation
 
@@ -119,14 +121,6 @@ def run_load(url: str, uploads: list[bytes], requests: int, clients: int, time_l
                        for name, q in (("p50", 50), ("p90", 90), ("p99", 99), ("max", 100))}
         | {"mean": round(float(milliseconds.mean()), 2)},
     }
-
-
-def cpu_model() -> str:
-    try:
-        output = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        return next(line.split(":", 1)[1].strip() for line in output.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        return platform.processor() or "unknown"
 
 
 def main() -> int:

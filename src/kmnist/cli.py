@@ -28,6 +28,8 @@ BALANCED_EPOCH_COLUMNS = (EPOCH_COLUMNS[:5] + (("val_bal_acc", "{:>11.2f}"),) + 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line on stderr and exit 2."""
 
+    commands: dict[str, argparse.ArgumentParser] = {}  # the top-level parser's subcommands (build_parser)
+
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
@@ -631,6 +633,7 @@ def build_parser() -> Parser:
     parser = Parser(prog="kmnist", description="Train, evaluate, compare and serve Kuzushiji-MNIST/K49 classifiers.")
     parser.add_argument("--version", action="version", version=f"kmnist {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    parser.commands = commands.choices  # each command's own parser, by name, as they are added below
 
     download = commands.add_parser("download", help="fetch and verify a dataset's official files",
                                    description="Fetch (if missing) and verify the official files of a dataset.")
@@ -821,8 +824,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args, extra = parser.parse_known_args(argv)
         if extra:  # reported by the command's own parser: "kmnist train: error: ..."
-            commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-            commands.get(getattr(args, "command", None), parser).error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as stop:  # --help, --version, or a bad option (already reported on one line)
         return stop.code if isinstance(stop.code, int) else 2
     if not getattr(args, "handler", None):

@@ -41,12 +41,18 @@ def has_fast_bf16() -> bool:
 
 
 def cpu_flags() -> set[str]:
-    """The CPU's feature flags from /proc/cpuinfo (empty where that is not readable)."""
+    """The CPU's feature flags (empty where /proc/cpuinfo is not readable)."""
+    return set((cpuinfo("flags") or "").split())
+
+
+def cpuinfo(field: str) -> str | None:
+    """One field of /proc/cpuinfo ("model name", "flags", ...) for the first processor, or None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as handle:
             for line in handle:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return None

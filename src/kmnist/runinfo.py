@@ -13,17 +13,11 @@ from typing import Any
 import torch
 
 from kmnist import __version__
-from kmnist.cpu import cpu_flags
+from kmnist.cpu import cpu_flags, cpuinfo
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 # The instruction sets that decide how fast (and in which precision) training runs on a CPU: one model name
