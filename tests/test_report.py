@@ -170,3 +170,21 @@ def test_hardware_names_the_cpu_features_that_set_its_speed() -> None:
     assert hardware_summary(zen3) == "AMD EPYC (AVX2), 2 threads"
     assert hardware_summary({"cpu": "AMD EPYC", "torch_threads": 2}) == "AMD EPYC, 2 threads"  # saved before
     assert set(environment()["cpu_features"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+
+
+@pytest.mark.parametrize("name", [runs.CONFIG, runs.SUMMARY, runs.ENVIRONMENT])
+def test_a_run_file_of_the_wrong_shape_is_one_line_and_writes_nothing(tmp_path: Path, capsys, name: str) -> None:
+    run = make_run(tmp_path / "runs" / "a", lr=0.01)
+    (run / name).write_text("[1, 2]")  # valid JSON, but not the object a run record is
+    assert main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{name}: not a run record" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_hardware_of_an_odd_environment_record_is_named_as_far_as_it_goes() -> None:
+    from kmnist.results import sessions
+    from kmnist.runinfo import hardware_summary
+
+    odd = {"cpu_features": 5, "torch_threads": 2, "resumed": [3, {"cpu": "Y", "cpu_features": ["avx2"]}]}
+    assert [hardware_summary(env) for env in sessions(odd)] == ["unknown CPU, 2 threads", "Y (AVX2), None threads"]

@@ -89,8 +89,14 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     return list(unique.values())
 
 
-def _read_optional(path: Path) -> dict[str, Any] | None:
-    return runs.read_json(path) if path.is_file() else None
+def _read_record(path: Path, optional: bool = False) -> dict[str, Any] | None:
+    """A run's JSON file (config, summary, environment), which holds one object; None if optional and absent."""
+    if optional and not path.is_file():
+        return None
+    record = runs.read_json(path)
+    if not isinstance(record, dict):
+        raise KmnistError(f"{path}: not a run record (a JSON object), but {type(record).__name__} {record!r:.40}")
+    return record
 
 
 def read_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -101,8 +107,9 @@ def read_runs(paths: Iterable[str | Path]) -> list[Run]:
         names = [str(d.resolve().relative_to(common)) for d in dirs]
     result = []
     for run_dir, name in zip(dirs, names):
-        result.append(Run(run_dir, name, runs.read_json(run_dir / runs.CONFIG),
-                          _read_optional(run_dir / runs.SUMMARY), _read_optional(run_dir / runs.ENVIRONMENT)))
+        result.append(Run(run_dir, name, _read_record(run_dir / runs.CONFIG),
+                          _read_record(run_dir / runs.SUMMARY, optional=True),
+                          _read_record(run_dir / runs.ENVIRONMENT, optional=True)))
     return result
 
 
@@ -185,8 +192,14 @@ def collect(paths: Iterable[str | Path]) -> Results:
     all_runs = read_runs(paths)
     groups, varying = group_runs(all_runs)
     hardware = sorted({hardware_summary(env) for run in all_runs if run.complete and run.environment
-                       for env in (run.environment, *run.environment.get("resumed", []))})  # every session's
+                       for env in sessions(run.environment)})
     return Results(groups, [run for run in all_runs if not run.complete], varying, hardware)
+
+
+def sessions(environment: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every session's environment of a run: where it started, then each --resume (entries not objects skipped)."""
+    resumed = environment.get("resumed")
+    return [environment, *(env for env in (resumed if isinstance(resumed, list) else []) if isinstance(env, dict))]
 
 
 def group_curves(group: Group) -> dict[str, Any]:

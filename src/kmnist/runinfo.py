@@ -76,5 +76,6 @@ def hardware_summary(env: dict[str, Any]) -> str:
     if env.get("gpus"):
         return f"{env['gpus'][0]} (CUDA {env['cuda']})"
     features = env.get("cpu_features")  # absent from runs saved before it was recorded
-    best = next((FEATURE_NAMES[name] for name in reversed(CPU_FEATURES) if name in (features or [])), None)
-    return f"{env['cpu']}{f' ({best})' if best else ''}, {env.get('torch_threads')} threads"
+    features = features if isinstance(features, list) else []
+    best = next((FEATURE_NAMES[name] for name in reversed(CPU_FEATURES) if name in features), None)
+    return f"{env.get('cpu', 'unknown CPU')}{f' ({best})' if best else ''}, {env.get('torch_threads')} threads"
