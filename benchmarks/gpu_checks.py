@@ -20,8 +20,9 @@ step, so a cut-off call keeps what finished). Step groups (--steps, in the order
                                  batch 1024 (lr scaled up): a quarter of the steps, so a quarter of
                                  the launches of a launch-bound loop (its accuracy at batch 1024 was
                                  checked on a CPU at width 8 only: docs/benchmarks.md);
-  cnn-best                       `--preset cnn-best`, seed 0: the GPU-sized single model (target: >= 99.4%);
-  mixer-wide, mixer-overlap      `--preset mixer-best`, seed 0, with what 2 CPU cores could not afford (target:
+  cnn-best                       `--preset cnn-best`, seed --first-seed (0): the GPU-sized single model
+                                 (target: >= 99.4%);
+  mixer-wide, mixer-overlap      `--preset mixer-best`, seed --first-seed (0), with what 2 CPU cores could not afford (target:
                                  >= 98.0% with no convolution; the preset gives 96.4%): twice its width and
                                  depth and 60 epochs, or overlapping patches (4x4 every 2 pixels, 169 tokens,
                                  so that a 2-pixel shift of the character moves it onto other patches).
@@ -126,12 +127,16 @@ def main() -> int:
     parser.add_argument("--deadline", type=float, default=540,
                         help="seconds after which the results so far are written out and the script exits")
     parser.add_argument("--seeds", type=int, default=3, help="seeds of the fixed fast recipe (default 3)")
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="the first seed (default 0): the fast recipe trains seeds first-seed .. first-seed + "
+                             "seeds - 1, cnn-best and the Mixers the first only; several copies of this script with "
+                             "other first seeds can share one GPU")
     parser.add_argument("--steps", default=DEFAULT_STEPS,
                         help=f"comma-separated step groups, in order (default {DEFAULT_STEPS})")
     parser.add_argument("--smoke", action="store_true", help="tiny steps, to check the script on a CPU")
     args = parser.parse_args()
-    if args.seeds < 1 or args.budget <= 0 or args.deadline <= 0:
-        parser.error("--seeds must be at least 1, --budget and --deadline positive")
+    if args.seeds < 1 or args.first_seed < 0 or args.budget <= 0 or args.deadline <= 0:
+        parser.error("--seeds must be at least 1, --first-seed at least 0, --budget and --deadline positive")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA device here; check the script on a CPU with --device cpu --smoke")
     out = Path(args.out)
@@ -160,11 +165,14 @@ def main() -> int:
         return name.replace("-", " ", 1), ["bench", "--preset", preset, *common, *bench_extra, *flags,
                                            "--json", str(out / f"{name}.json")]
 
-    def mixer(kind: str, flags: list[str]) -> tuple[str, list[str]]:
-        return f"mixer-best {kind} seed 0", ["train", "--preset", "mixer-best", "--seed", "0", *flags, *common,
-                                             *mixer_extra, "--out", str(scratch / f"mixer-best-{kind}-s0")]
+    first = args.first_seed
 
-    seeds = range(args.seeds)
+    def mixer(kind: str, flags: list[str]) -> tuple[str, list[str]]:
+        return f"mixer-best {kind} seed {first}", [
+            "train", "--preset", "mixer-best", "--seed", str(first), *flags, *common, *mixer_extra,
+            "--out", str(scratch / f"mixer-best-{kind}-s{first}")]
+
+    seeds = range(first, first + args.seeds)
     groups: dict[str, list[tuple[str, list[str]]]] = {
         "bench-report-final": [bench("report-final", "eager")],
         "bench-report-final-compiled": [bench("report-final", "compiled")],
@@ -178,8 +186,8 @@ def main() -> int:
         "fast-graph-large-batch": [fast(seed, "graph", all_data=True, large_batch=True) for seed in seeds],
         "fast-eager": [fast(seed, "eager") for seed in seeds],
         "fast-eager-all-data": [fast(seed, "eager", all_data=True) for seed in seeds],
-        "cnn-best": [("cnn-best seed 0", ["train", "--preset", "cnn-best", "--seed", "0", *common, *train_extra,
-                                          "--out", str(scratch / "cnn-best-s0")])],
+        "cnn-best": [(f"cnn-best seed {first}", ["train", "--preset", "cnn-best", "--seed", str(first), *common,
+                                                 *train_extra, "--out", str(scratch / f"cnn-best-s{first}")])],
         "mixer-wide": [mixer("wide", MIXER_WIDE)],
         "mixer-overlap": [mixer("overlap", MIXER_OVERLAP)],
     }
