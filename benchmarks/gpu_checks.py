@@ -4,12 +4,14 @@ Prepared on CPU-only machines and checked there with --smoke; the GPU numbers co
 it where a GPU is lent (no step starts after --budget seconds, and the JSON is rewritten after each
 step, so a cut-off call keeps what finished). Step groups (--steps, in the order given):
 
-  bench-report-final[-compiled|-graph]
+  bench-report-final[-compiled|-graph|-graph-compiled]
                                  `kmnist bench` of the report's model on CUDA: our loop against the
                                  per-sample DataLoader pipeline of the same model, side by side
                                  (target: >= 20x), epochs timed on their first 100 batches; compiled
-                                 with CUDA graphs of the model (`--compile reduce-overhead`) or the
-                                 whole step captured as one CUDA graph (`--compile cuda-graph`),
+                                 with CUDA graphs of the model (`--compile reduce-overhead`), the
+                                 whole step captured as one CUDA graph (`--compile cuda-graph`:
+                                 15.2x on an H200), or that graph around the model compiled by
+                                 torch.compile, fewer and fused kernels (`cuda-graph-compiled`),
                                  each beside eager;
   bench-cnn-fast-cpu[-graph]     the same for `cnn-fast-cpu` (compiled, or as one graph);
   fast-compiled, fast-eager      `--preset cnn-fast-cpu` on CUDA, seeds 0-2, compiled or not: training
@@ -23,6 +25,7 @@ step, so a cut-off call keeps what finished). Step groups (--steps, in the order
   fast-graph-10s                 fast-graph-large-batch for 30 epochs: the recipe that gave 99.09% in
                                  8.3 s on an H200 (seeds 0-2; its length was set after the 20-epoch
                                  test mean was seen, so other seeds, --first-seed 3, confirm it);
+  fast-graph-compiled-10s        the same with `--compile cuda-graph-compiled`;
   cnn-best                       `--preset cnn-best`, seed --first-seed (0): the GPU-sized single model
                                  (target: >= 99.4%);
   cnn-best-long                  the same for 100 epochs instead of 60 (its test accuracy was still
@@ -84,7 +87,7 @@ SMOKE_MIXER = ["--epochs", "1", "--model-arg", "dim=16", "--model-arg", "depth=1
 # statistics, mixer-overlap, and mixer-wide until a deadline cut it off. Next: the 10-second recipe on other seeds,
 # the wide Mixer to its end and with overlapping patches, cnn-best for longer. benchmarks/gpu_session.sh runs the
 # timed steps alone and the long accuracy runs side by side, which fits far more into one call.
-DEFAULT_STEPS = ("bench-report-final-graph,fast-graph-10s,mixer-wide,mixer-wide-overlap,cnn-best-long,fast-compiled,"
+DEFAULT_STEPS = ("bench-report-final-graph,bench-report-final-graph-compiled,fast-graph-10s,mixer-wide,mixer-wide-overlap,cnn-best-long,fast-compiled,"
                  "bench-cnn-fast-cpu-graph")
 COMPILE = "reduce-overhead"  # torch.compile with CUDA graphs: launch overhead is what bounds small models on a GPU
 # Four times cnn-fast-cpu's batch of 256, with twice its peak lr of 0.2: at width 8 on a CPU (seed 0, 20 epochs) lr 0.4
@@ -159,7 +162,8 @@ def main() -> int:
 
     # How a step trains: eager, torch.compile with CUDA graphs of the model, or the whole step as one CUDA graph.
     modes = {"eager": ([], ""), "compiled": (["--compile", COMPILE], "-compiled"),
-             "graph": (["--compile", "cuda-graph"], "-graph")}
+             "graph": (["--compile", "cuda-graph"], "-graph"),
+             "graph-compiled": (["--compile", "cuda-graph-compiled"], "-graph-compiled")}
 
     def fast(seed: int, mode: str, all_data: bool = False, large_batch: bool = False,
              epochs: int | None = None) -> tuple[str, list[str]]:
@@ -190,6 +194,7 @@ def main() -> int:
         "bench-report-final": [bench("report-final", "eager")],
         "bench-report-final-compiled": [bench("report-final", "compiled")],
         "bench-report-final-graph": [bench("report-final", "graph")],
+        "bench-report-final-graph-compiled": [bench("report-final", "graph-compiled")],
         "bench-cnn-fast-cpu": [bench("cnn-fast-cpu", "compiled")],
         "bench-cnn-fast-cpu-graph": [bench("cnn-fast-cpu", "graph")],
         "fast-compiled": [fast(seed, "compiled") for seed in seeds],
@@ -198,6 +203,8 @@ def main() -> int:
         "fast-large-batch": [fast(seed, "compiled", all_data=True, large_batch=True) for seed in seeds],
         "fast-graph-large-batch": [fast(seed, "graph", all_data=True, large_batch=True) for seed in seeds],
         "fast-graph-10s": [fast(seed, "graph", all_data=True, large_batch=True, epochs=30) for seed in seeds],
+        "fast-graph-compiled-10s": [fast(seed, "graph-compiled", all_data=True, large_batch=True, epochs=30)
+                                    for seed in seeds],
         "fast-eager": [fast(seed, "eager") for seed in seeds],
         "fast-eager-all-data": [fast(seed, "eager", all_data=True) for seed in seeds],
         "cnn-best": [(f"cnn-best seed {first}", ["train", "--preset", "cnn-best", "--seed", str(first), *common,

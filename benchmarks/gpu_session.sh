@@ -11,7 +11,8 @@
 #
 # Settings (environment variables):
 #   END             seconds from the start by which every run has written out what it has (default 540)
-#   TIMED           step groups run alone, first (default bench-report-final-graph,fast-graph-10s)
+#   TIMED           step groups run alone, first (default: the report model's bench as one CUDA graph,
+#                   with and without torch.compile inside it, and the 10-second recipe)
 #   TIMED_SEED      their first seed (default 3: the 10-second recipe on seeds it was not set on)
 #   TIMED_DEADLINE  seconds they may take (default 180)
 #   SHARED          the side-by-side runs, space-separated GROUPS@SEED (default below)
@@ -20,7 +21,7 @@
 set -u
 cd "$(dirname "$0")/.." || exit 2
 END=${END:-540}
-TIMED=${TIMED:-bench-report-final-graph,fast-graph-10s}
+TIMED=${TIMED:-bench-report-final-graph,bench-report-final-graph-compiled,fast-graph-10s}
 TIMED_SEED=${TIMED_SEED:-3}
 TIMED_DEADLINE=${TIMED_DEADLINE:-180}
 SHARED=${SHARED:-mixer-wide@1 mixer-wide-overlap@0 cnn-best-long@0 fast-compiled@0}

@@ -238,11 +238,32 @@ def test_a_graphed_run_resumed_from_an_eager_checkpoint_continues_it(tiny_datase
     _assert_same_epochs(fit(config, tiny_dataset, tmp_path, resume=True, progress=False), whole)
 
 
-def test_cuda_graph_mode_refuses_a_cpu_and_mixed_batches(tiny_dataset) -> None:
-    with pytest.raises(KmnistError, match="needs a CUDA device"):
-        fit(TrainConfig(**{**TINY.to_dict(), "compile": "cuda-graph", "device": "cpu"}), tiny_dataset, progress=False)
+@pytest.mark.parametrize("mode", ["cuda-graph", "cuda-graph-compiled"])
+def test_cuda_graph_modes_refuse_a_cpu_and_mixed_batches(tiny_dataset, mode: str) -> None:
+    with pytest.raises(KmnistError, match=f"--compile {mode} needs a CUDA device"):
+        fit(TrainConfig(**{**TINY.to_dict(), "compile": mode, "device": "cpu"}), tiny_dataset, progress=False)
     with pytest.raises(KmnistError, match="mixup/cutmix"):
-        TrainConfig(compile="cuda-graph", mixup=0.2)
+        TrainConfig(compile=mode, mixup=0.2)
+
+
+def test_the_graph_around_a_compiled_model_trains_what_the_eager_loop_does(tiny_dataset, monkeypatch) -> None:
+    # --compile cuda-graph-compiled: the real warm-up path (torch.compile's inductor on the CPU, compiled during
+    # the graph's warm-up steps, which are undone), with only the capture left out, as a CPU has no CUDA graphs.
+    import functools
+
+    from kmnist import graphed, train
+
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 1})
+    eager = fit(config, tiny_dataset, progress=False)
+    monkeypatch.setattr(train, "training_device", lambda config: torch.device("cpu"))
+    monkeypatch.setattr(train, "GraphedStep", functools.partial(graphed.GraphedStep, capture=False))
+    compiled = []  # the modes torch.compile was asked for
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(options) or real_compile(
+        model, **options))
+    got = fit(TrainConfig(**{**config.to_dict(), "compile": "cuda-graph-compiled"}), tiny_dataset, progress=False)
+    assert compiled == [{"mode": None, "dynamic": False}]  # the default mode: fused kernels, no CUDA graphs of its own
+    _assert_same_epochs(got, eager)
 
 
 def test_summary_is_written_last_so_a_run_cut_off_in_its_figures_is_not_finished(tiny_dataset, tmp_path: Path,

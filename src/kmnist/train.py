@@ -17,7 +17,7 @@ from torch import nn
 from kmnist import runs
 from kmnist.augment import AugmentSettings, augment, mix
 from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint, model_from_checkpoint
-from kmnist.config import TrainConfig, same_experiment
+from kmnist.config import GRAPH_MODES, TrainConfig, same_experiment
 from kmnist.cpu import keep_freed_memory
 from kmnist.data import Dataset, Split, normalize, pixel_stats, selection_metric, split_validation
 from kmnist.errors import KmnistError, KmnistWarning, TrainingDiverged
@@ -30,8 +30,8 @@ from kmnist.models import create_model, resolve_model_args
 def training_device(config: TrainConfig) -> torch.device:
     """The device a config trains on; a one-line error where it cannot (no CUDA, or a CUDA graph on a CPU)."""
     device = select_device(config.device)
-    if config.compile == "cuda-graph" and device.type != "cuda":
-        raise KmnistError("--compile cuda-graph needs a CUDA device; on a CPU train without it")
+    if config.compile in GRAPH_MODES and device.type != "cuda":
+        raise KmnistError(f"--compile {config.compile} needs a CUDA device; on a CPU train without it")
     return device
 
 
@@ -205,9 +205,10 @@ class Trainer:
         self.optimizer = make_optimizer(config, self.model)
         # The training forward: the model itself, or a compiled view of it sharing its parameters
         # (checkpoints, the weight average and evaluation keep using the plain module).
-        self.graphed: GraphedStep | None = None  # made by warm_up with --compile cuda-graph
+        self.graphed: GraphedStep | None = None  # made by warm_up with --compile cuda-graph[-compiled]
         self.forward = self.model if config.compile in ("off", "cuda-graph") else torch.compile(
-            self.model, mode=None if config.compile == "default" else config.compile, dynamic=False)
+            self.model, mode=config.compile if config.compile in ("reduce-overhead", "max-autotune") else None,
+            dynamic=False)
         self.steps_per_epoch = batches_per_epoch(len(self.train), config.batch_size)
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
         counts = torch.bincount(self.train.labels, minlength=dataset.num_classes).float()
@@ -312,7 +313,8 @@ class Trainer:
     def warm_up(self) -> float:
         """Compile the training step for this run's batch sizes before any epoch is timed; returns seconds.
 
-        With --compile cuda-graph: capture the step at the full batch size as one CUDA graph (kmnist.graphed).
+        With --compile cuda-graph[-compiled]: capture the step at the full batch size as one CUDA graph
+        (kmnist.graphed); its warm-up steps compile the model first where it is compiled.
 
         Forward and backward on real training images, then weights, BatchNorm statistics, gradients
         and random state are put back, so a compiled run computes what an uncompiled one does.
@@ -321,8 +323,9 @@ class Trainer:
             return 0.0
         _sync(self.device)
         started = time.perf_counter()
-        if self.config.compile == "cuda-graph":  # batches of other sizes (the last, shorter one) run eagerly
-            self.graphed = GraphedStep(self, min(self.config.batch_size, len(self.train)))
+        if self.config.compile in GRAPH_MODES:  # batches of other sizes (the last, shorter one) run eagerly
+            with self._compile_errors():
+                self.graphed = GraphedStep(self, min(self.config.batch_size, len(self.train)))
             _sync(self.device)
             return time.perf_counter() - started
         # The sizes `batches` yields: the first batch's and the last's (shorter where the split does not divide).
@@ -336,17 +339,26 @@ class Trainer:
                 # size's gradients live in its graph's memory, which the next size's replay may overwrite.
                 self.optimizer.zero_grad(set_to_none=True)
                 self._mark_step()
-                try:
-                    with autocast_for(self.device, self.config.precision):
-                        logits = self.forward(images)
+                with self._compile_errors(), autocast_for(self.device, self.config.precision):
+                    logits = self.forward(images)
+                with self._compile_errors():
                     self.loss(logits.float(), labels).backward()
-                except Exception as error:  # e.g. no C++ compiler for inductor on a CPU: a reason, not a traceback
-                    first_line = (str(error).strip().splitlines() or [""])[0][:300]
-                    raise KmnistError(f"--compile {self.config.compile}: torch.compile failed "
-                                      f"({type(error).__name__}: {first_line}); train without --compile") from error
         self.optimizer.zero_grad(set_to_none=True)
         _sync(self.device)
         return time.perf_counter() - started
+
+    @contextmanager
+    def _compile_errors(self) -> Iterator[None]:
+        """A failure of torch.compile or of a graph capture (e.g. no C++ compiler for inductor on a CPU) as one
+        line naming the --compile mode, not a traceback."""
+        try:
+            yield
+        except KmnistError:
+            raise
+        except Exception as error:  # noqa: BLE001
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise KmnistError(f"--compile {self.config.compile}: compiling failed "
+                              f"({type(error).__name__}: {first_line}); train without --compile") from error
 
     @contextmanager
     def undone(self) -> Iterator[None]:
