@@ -24,6 +24,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 # graph replays inductor's fused kernels instead of one kernel per op.
 GRAPH_MODES = ("cuda-graph", "cuda-graph-compiled")
 COMPILE_MODES = ("off", "default", "reduce-overhead", "max-autotune", *GRAPH_MODES)
+# The --compile modes that compile the model, and the torch.compile mode each asks for (None: its default).
+TORCH_COMPILE_MODES = {"default": None, "reduce-overhead": "reduce-overhead", "max-autotune": "max-autotune",
+                       "cuda-graph-compiled": None}
 
 
 def _field(default: Any, help: str) -> Any:

@@ -17,7 +17,7 @@ from torch import nn
 from kmnist import runs
 from kmnist.augment import AugmentSettings, augment, mix
 from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint, model_from_checkpoint
-from kmnist.config import GRAPH_MODES, TrainConfig, same_experiment
+from kmnist.config import GRAPH_MODES, TORCH_COMPILE_MODES, TrainConfig, same_experiment
 from kmnist.cpu import keep_freed_memory
 from kmnist.data import Dataset, Split, normalize, pixel_stats, selection_metric, split_validation
 from kmnist.errors import KmnistError, KmnistWarning, TrainingDiverged
@@ -206,9 +206,8 @@ class Trainer:
         # The training forward: the model itself, or a compiled view of it sharing its parameters
         # (checkpoints, the weight average and evaluation keep using the plain module).
         self.graphed: GraphedStep | None = None  # made by warm_up with --compile cuda-graph[-compiled]
-        self.forward = self.model if config.compile in ("off", "cuda-graph") else torch.compile(
-            self.model, mode=config.compile if config.compile in ("reduce-overhead", "max-autotune") else None,
-            dynamic=False)
+        self.forward = self.model if config.compile not in TORCH_COMPILE_MODES else torch.compile(
+            self.model, mode=TORCH_COMPILE_MODES[config.compile], dynamic=False)
         self.steps_per_epoch = batches_per_epoch(len(self.train), config.batch_size)
         self.scheduler = make_scheduler(config, self.optimizer, self.steps_per_epoch)
         counts = torch.bincount(self.train.labels, minlength=dataset.num_classes).float()
@@ -339,9 +338,9 @@ class Trainer:
                 # size's gradients live in its graph's memory, which the next size's replay may overwrite.
                 self.optimizer.zero_grad(set_to_none=True)
                 self._mark_step()
-                with self._compile_errors(), autocast_for(self.device, self.config.precision):
-                    logits = self.forward(images)
                 with self._compile_errors():
+                    with autocast_for(self.device, self.config.precision):
+                        logits = self.forward(images)
                     self.loss(logits.float(), labels).backward()
         self.optimizer.zero_grad(set_to_none=True)
         _sync(self.device)
