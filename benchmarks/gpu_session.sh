@@ -7,7 +7,8 @@
 #
 # Copy the KMNIST files into the ignored .data/ (mkdir -p .data && cp -r ../shared/data/kmnist .data/), then run
 # `bash benchmarks/gpu_session.sh` with .data carried, and a time limit a minute over END. Everything lands in
-# OUT/gpu_session.tgz (the device tool brings back at most 8 files); the summaries are printed at the end.
+# OUT/gpu_session.tgz (the device tool brings back at most 8 files); the summaries are printed at the end, and the
+# exit status is 1 if any step failed or was cut off at the deadline.
 #
 # Settings (environment variables):
 #   END             seconds from the start by which every run has written out what it has (default 540)
@@ -33,6 +34,10 @@ for job in $SHARED; do
     exit 2
   fi
 done
+if ! [ -f .data/kmnist/kmnist-train-imgs.npz ] && ! [ -f .data/kmnist/train-images-idx3-ubyte.gz ]; then
+  echo "gpu_session.sh: no KMNIST files in .data/kmnist (mkdir -p .data && cp -r ../shared/data/kmnist .data/)" >&2
+  exit 2
+fi
 mkdir -p "$OUT" || exit 2
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 work=$(mktemp -d /tmp/gpu-session-XXXXXX)
@@ -45,23 +50,33 @@ started=$SECONDS
 if [ -n "$TIMED" ]; then
   "${checks[@]}" --steps "$TIMED" --first-seed "$TIMED_SEED" --out "$work/timed" --budget "$TIMED_DEADLINE" \
     --deadline "$TIMED_DEADLINE" > "$work/timed.out" 2>&1
-  echo "timed steps: exit $? after $((SECONDS - started)) s" | tee -a "$work/phases.txt"
+  code=$?
+  echo "timed steps: exit $code after $((SECONDS - started)) s" | tee -a "$work/phases.txt"
+  failed=$(( code != 0 ))
+else
+  failed=0
 fi
 
 left=$((END - (SECONDS - started)))
 threads=$(( $(nproc) / ($(wc -w <<< "$SHARED") + 1) ))
+pids=()
 for job in $SHARED; do
   groups=${job%@*} seed=${job#*@}
   name=$(tr ',' '+' <<< "$groups")-s$seed
   OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 )) "${checks[@]}" --steps "$groups" --first-seed "$seed" \
     --out "$work/$name" --budget "$left" --deadline "$left" > "$work/$name.out" 2>&1 &
+  pids+=($!)
 done
-wait
+for pid in "${pids[@]}"; do
+  wait "$pid" || failed=1  # a step that failed, or a copy stopped at its deadline (exit 3)
+done
 echo "side-by-side runs done after $((SECONDS - started)) s" | tee -a "$work/phases.txt"
 
 tar czf "$OUT/gpu_session.tgz" -C "$work" .
 for out in "$work"/*.out; do
   echo "#### $(basename "$out" .out)"
+  grep -h "error:" "$out" | sort -u | head -5  # a step's one-line reason, where one failed
   sed -n '/== summary/,$p' "$out" | head -40
 done
 rm -rf "$work"
+exit "$failed"
