@@ -17,15 +17,16 @@
 #   TIMED_SEED      their first seed (default 3: the 10-second recipe on seeds it was not set on)
 #   TIMED_DEADLINE  seconds they may take (default 180)
 #   SHARED          the side-by-side runs, space-separated GROUPS@SEED (default below)
+#                   (TIMED or SHARED set empty: none of those)
 #   EXTRA           more gpu_checks.py options for every copy (e.g. "--device cpu --smoke" to try this on a CPU)
 #   OUT             where the archive goes (set by the device tool)
 set -u
 cd "$(dirname "$0")/.." || exit 2
 END=${END:-540}
-TIMED=${TIMED:-bench-report-final-graph,bench-report-final-graph-compiled,fast-graph-10s}
+TIMED=${TIMED-bench-report-final-graph,bench-report-final-graph-compiled,fast-graph-10s}
 TIMED_SEED=${TIMED_SEED:-3}
 TIMED_DEADLINE=${TIMED_DEADLINE:-180}
-SHARED=${SHARED:-mixer-wide@1 mixer-wide-overlap@0 cnn-best-long@0 fast-compiled@0}
+SHARED=${SHARED-mixer-wide@1 mixer-wide-overlap@0 cnn-best-long@0 fast-compiled@0}
 EXTRA=${EXTRA:-}
 if [ -z "${OUT:-}" ]; then echo "gpu_session.sh: set OUT to the folder for gpu_session.tgz" >&2; exit 2; fi
 for job in $SHARED; do
