@@ -187,4 +187,4 @@ def test_hardware_of_an_odd_environment_record_is_named_as_far_as_it_goes() -> N
     from kmnist.runinfo import hardware_summary
 
     odd = {"cpu_features": 5, "torch_threads": 2, "resumed": [3, {"cpu": "Y", "cpu_features": ["avx2"]}]}
-    assert [hardware_summary(env) for env in sessions(odd)] == ["unknown CPU, 2 threads", "Y (AVX2), None threads"]
+    assert [hardware_summary(env) for env in sessions(odd)] == ["unknown CPU, 2 threads", "Y (AVX2)"]

@@ -78,4 +78,5 @@ def hardware_summary(env: dict[str, Any]) -> str:
     features = env.get("cpu_features")  # absent from runs saved before it was recorded
     features = features if isinstance(features, list) else []
     best = next((FEATURE_NAMES[name] for name in reversed(CPU_FEATURES) if name in features), None)
-    return f"{env.get('cpu', 'unknown CPU')}{f' ({best})' if best else ''}, {env.get('torch_threads')} threads"
+    threads = env.get("torch_threads")
+    return f"{env.get('cpu', 'unknown CPU')}{f' ({best})' if best else ''}{f', {threads} threads' if threads else ''}"
