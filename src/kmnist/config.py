@@ -161,8 +161,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # No convolution anywhere: the all-MLP Mixer (pre-norm, GELU, stochastic depth) with AdamW, cosine
     # schedule with warm-up, and the same batched augmentation. 4x4 patches every 2 pixels (169 tokens, cut
     # out by unfold): better on validation than every 4 pixels for each of 3 seeds (99.04/98.98/99.28% against
-    # 98.72/98.84/99.10%), at 3.5x the multiply-adds: about 55 minutes on 2 CPU cores with bf16 units, 4 on a
-    # GPU (docs/results.md). `--model-arg stride=4` gives the preset as it was before 2026-11-30.
+    # 98.72/98.84/99.10%), at 3.5x the multiply-adds: 53-55 minutes on 2 cores of an AVX512-BF16 EPYC, about 4
+    # on an H200 (docs/results.md). `--model-arg stride=4` gives the preset as it was before 2026-11-30.
     "mixer-best": {"model": "mixer",
                    "model_args": {"patch": 4, "stride": 2, "dim": 128, "depth": 4, "token_hidden": 128,
                                   "channel_hidden": 256},
