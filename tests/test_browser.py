@@ -8,12 +8,17 @@ instead of the tiny synthetic one (how the screenshot in docs/ was made).
 from __future__ import annotations
 
 import os
+import re
+import select
+import subprocess
+import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
-from conftest import REAL_DATA, serve_in_thread, write_dataset
-from kmnist.serve import ServeOptions, create_app
+from conftest import REAL_DATA, write_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -29,15 +34,38 @@ TSU = [(45, 125), (80, 104), (125, 94), (170, 96), (208, 112), (228, 140), (222,
        (122, 218)]
 
 
+@contextmanager
+def serve_in_process(arguments: list[str], log: Path) -> Iterator[str]:
+    """`kmnist serve ARGUMENTS --port 0` in a process of its own; yields its base URL.
+
+    Not a thread of this process, as the other server tests use: this server lives across the
+    tests of the module, and on its first image its thread imports PIL's plugins, which register
+    loggers, while pytest may be walking the logger table to attach its capture to each test
+    ("dictionary changed size during iteration", seen in CI).
+    """
+    with open(log, "w") as errors:
+        process = subprocess.Popen([sys.executable, "-m", "kmnist", "serve", *arguments, "--port", "0"],
+                                   stdout=subprocess.PIPE, stderr=errors, text=True)
+        try:
+            ready, _, _ = select.select([process.stdout], [], [], 60)
+            line = process.stdout.readline() if ready else ""
+            match = re.search(r"http://\S+?(?=/ )", line)
+            assert match, f"kmnist serve did not start: {line!r} {log.read_text()}"
+            yield match.group(0)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+
+
 @pytest.fixture(scope="module")
 def server_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     checkpoint = os.environ.get("KMNIST_BROWSER_CHECKPOINT")
     if checkpoint:
-        options = ServeOptions(data_dir=REAL_DATA)
+        arguments = [checkpoint, "--data-dir", str(REAL_DATA)]
     else:
-        checkpoint = tiny_checkpoint
-        options = ServeOptions(data_dir=write_dataset(tmp_path_factory.mktemp("data")), check_md5=False)
-    with serve_in_thread(create_app(checkpoint, options)) as url:
+        data_dir = write_dataset(tmp_path_factory.mktemp("data"))
+        arguments = [str(tiny_checkpoint), "--data-dir", str(data_dir), "--skip-md5"]
+    with serve_in_process(arguments, tmp_path_factory.mktemp("serve") / "stderr.txt") as url:
         yield url
 
 
