@@ -244,7 +244,11 @@ def create_app(checkpoint: str | Path, options: ServeOptions = ServeOptions()) -
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
-    """A listening-ready TCP socket, so a busy port is a one-line error and port 0 can be reported."""
+    """A listening TCP socket, so a busy port is a one-line error and port 0 can be reported.
+
+    It listens before uvicorn starts, so the address printed is connectable at once: a connection made
+    while the server is still starting waits in the backlog instead of being refused.
+    """
     if not 0 <= port <= 65535:  # getaddrinfo would take 99999 as 99999 - 65536 and listen there
         raise KmnistError(f"port must be between 0 and 65535 (0 picks a free one), got {port}")
     try:
@@ -252,6 +256,7 @@ def bind_socket(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, kind, protocol)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
+        sock.listen()
     except OSError as error:  # address in use or not available, unknown host name
         raise KmnistError(f"cannot listen on {host}:{port}: {error.strerror or error}") from None
     return sock
