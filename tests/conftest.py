@@ -1,12 +1,16 @@
 """Shared fixtures: small datasets in the official file formats, the real data when present, a tiny trained
-checkpoint, and a loopback test server."""
+checkpoint, and loopback test servers (in a thread, or `kmnist serve` in a process)."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import re
+import select
 import shutil
 import struct
+import subprocess
+import sys
 import zipfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -156,6 +160,29 @@ def serve_in_thread(app) -> Iterator[str]:
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def serve_in_process(arguments: list[str], log: Path) -> Iterator[str]:
+    """`kmnist serve ARGUMENTS --port 0` in a process of its own; yields its base URL (no trailing slash), which
+    accepts connections as soon as it is printed.
+
+    For a server that outlives one test: in a thread of this process, as serve_in_thread runs one, its first
+    image imports PIL's plugins, which register loggers, while pytest may be walking the logger table to
+    attach its capture to the next test ("dictionary changed size during iteration", seen in CI).
+    """
+    with open(log, "w") as errors:
+        process = subprocess.Popen([sys.executable, "-m", "kmnist", "serve", *arguments, "--port", "0"],
+                                   stdout=subprocess.PIPE, stderr=errors, text=True)
+        try:
+            ready, _, _ = select.select([process.stdout], [], [], 60)
+            line = process.stdout.readline() if ready else ""
+            match = re.search(r"http://\S+?(?=/ )", line)
+            assert match, f"kmnist serve did not start: {line!r} {log.read_text()}"
+            yield match.group(0)
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
 
 
 class FakeResponse(io.BytesIO):

@@ -8,17 +8,11 @@ instead of the tiny synthetic one (how the screenshot in docs/ was made).
 from __future__ import annotations
 
 import os
-import re
-import select
-import subprocess
-import sys
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-from conftest import REAL_DATA, write_dataset
+from conftest import REAL_DATA, serve_in_process, write_dataset
 
 CHROMIUM = Path("/usr/bin/chromium")
 LAUNCH_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -32,29 +26,6 @@ if not CHROMIUM.is_file():
 # A hand-drawn つ, in board pixels (the board is 280 x 280): one stroke, left to right, curling down and back.
 TSU = [(45, 125), (80, 104), (125, 94), (170, 96), (208, 112), (228, 140), (222, 172), (198, 198), (160, 214),
        (122, 218)]
-
-
-@contextmanager
-def serve_in_process(arguments: list[str], log: Path) -> Iterator[str]:
-    """`kmnist serve ARGUMENTS --port 0` in a process of its own; yields its base URL.
-
-    Not a thread of this process, as the other server tests use: this server lives across the
-    tests of the module, and on its first image its thread imports PIL's plugins, which register
-    loggers, while pytest may be walking the logger table to attach its capture to each test
-    ("dictionary changed size during iteration", seen in CI).
-    """
-    with open(log, "w") as errors:
-        process = subprocess.Popen([sys.executable, "-m", "kmnist", "serve", *arguments, "--port", "0"],
-                                   stdout=subprocess.PIPE, stderr=errors, text=True)
-        try:
-            ready, _, _ = select.select([process.stdout], [], [], 60)
-            line = process.stdout.readline() if ready else ""
-            match = re.search(r"http://\S+?(?=/ )", line)
-            assert match, f"kmnist serve did not start: {line!r} {log.read_text()}"
-            yield match.group(0)
-        finally:
-            process.terminate()
-            process.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")

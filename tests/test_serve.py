@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import serve_in_thread, synthetic_arrays, write_dataset
+from conftest import serve_in_process, serve_in_thread, synthetic_arrays, write_dataset
 from kmnist.errors import KmnistError
 from kmnist.imageprep import prepare_bytes
 from kmnist.predict import Classifier
@@ -191,25 +191,19 @@ def test_concurrent_requests_on_a_real_socket(app, classifier: Classifier, image
     assert all(answer == (415, "not_an_image") for answer in results if not isinstance(answer[1], list))
 
 
-def test_serve_command_on_loopback_and_a_busy_port(tiny_checkpoint: Path) -> None:
+def test_serve_command_on_loopback_and_a_busy_port(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """`kmnist serve --port 0` reports its address, which answers at once (no retrying: the socket listens before the
     line is printed); a second one on that port fails in one line."""
-    command = [sys.executable, "-m", "kmnist", "serve", str(tiny_checkpoint), "--port", "0"]
-    server = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        first_line = server.stdout.readline()  # printed once the socket is bound, before serving starts
-        url = first_line.split()[2]
-        assert url.startswith("http://127.0.0.1:"), first_line
-        port = url.rstrip("/").rsplit(":", 1)[1]
+    with serve_in_process([str(tiny_checkpoint)], tmp_path / "stderr.txt") as url:
+        assert url.startswith("http://127.0.0.1:"), url
+        port = url.rsplit(":", 1)[1]
         socket.create_connection(("127.0.0.1", int(port)), timeout=5).close()  # refused if it were not listening yet
-        health = httpx.get(url + "health", timeout=60)  # waits in the backlog while uvicorn starts
+        health = httpx.get(url + "/health", timeout=60)  # waits in the backlog while uvicorn starts
         assert health.json()["status"] == "ok"
-        busy = subprocess.run([*command[:-1], port], capture_output=True, text=True, timeout=120)
+        busy = subprocess.run([sys.executable, "-m", "kmnist", "serve", str(tiny_checkpoint), "--port", port],
+                              capture_output=True, text=True, timeout=120)
         assert busy.returncode == 2 and busy.stderr.count("\n") == 1
         assert f"cannot listen on 127.0.0.1:{port}" in busy.stderr and "Traceback" not in busy.stderr
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
 
 
 @pytest.mark.parametrize("port", [-1, 65536, 99999])
