@@ -19,6 +19,7 @@
 #   SHARED          the side-by-side runs, space-separated GROUPS@SEED (default below)
 #                   (TIMED or SHARED set empty: none of those)
 #   EXTRA           more gpu_checks.py options for every copy (e.g. "--device cpu --smoke" to try this on a CPU)
+#   PYTHON          the Python with torch (default python3; e.g. .venv/bin/python on a CPU)
 #   OUT             where the archive goes (set by the device tool)
 set -u
 cd "$(dirname "$0")/.." || exit 2
@@ -28,6 +29,7 @@ TIMED_SEED=${TIMED_SEED:-3}
 TIMED_DEADLINE=${TIMED_DEADLINE:-180}
 SHARED=${SHARED-mixer-wide@1 mixer-wide-overlap@0 cnn-best-long@0 fast-compiled@0}
 EXTRA=${EXTRA:-}
+PYTHON=${PYTHON:-python3}
 if [ -z "${OUT:-}" ]; then echo "gpu_session.sh: set OUT to the folder for gpu_session.tgz" >&2; exit 2; fi
 for job in $SHARED; do
   if ! [[ $job =~ ^[a-z0-9,-]+@[0-9]+$ ]]; then
@@ -43,9 +45,9 @@ mkdir -p "$OUT" || exit 2
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 work=$(mktemp -d /tmp/gpu-session-XXXXXX)
 # shellcheck disable=SC2206  # EXTRA is split into options on purpose
-checks=(python3 benchmarks/gpu_checks.py --data-dir .data $EXTRA)
+checks=("$PYTHON" benchmarks/gpu_checks.py --data-dir .data $EXTRA)
 started=$SECONDS
-{ date -u; nvidia-smi; nproc; python3 -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
+{ date -u; nvidia-smi; nproc; "$PYTHON" -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)'
   git rev-parse HEAD; git status --short; } > "$work/machine.txt" 2>&1
 
 if [ -n "$TIMED" ]; then
@@ -76,8 +78,12 @@ echo "side-by-side runs done after $((SECONDS - started)) s" | tee -a "$work/pha
 tar czf "$OUT/gpu_session.tgz" -C "$work" .
 for out in "$work"/*.out; do
   echo "#### $(basename "$out" .out)"
-  grep -h "error:" "$out" | sort -u | head -5  # a step's one-line reason, where one failed
-  sed -n '/== summary/,$p' "$out" | head -40
+  if grep -q "== summary" "$out"; then
+    grep -h "error:" "$out" | sort -u | head -5  # a step's one-line reason, where one failed
+    sed -n '/== summary/,$p' "$out" | head -40
+  else
+    tail -n 3 "$out"  # stopped before any step ran (bad option, no torch): its last words
+  fi
 done
 rm -rf "$work"
 exit "$failed"
