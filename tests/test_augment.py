@@ -84,6 +84,18 @@ def test_training_with_every_option_learns_and_resumes_exactly(tiny_dataset, tmp
     assert _drop_times(resumed) == _drop_times(whole)
 
 
+def test_clean_epochs_train_the_last_epochs_on_the_images_as_they_are(tiny_dataset) -> None:
+    augmented = TrainConfig(**{**TINY.to_dict(), "translate": 2.0, "rotate": 8.0, "erase": 0.5, "mixup": 0.2})
+    plain = _drop_times(fit(TrainConfig(**{**TINY.to_dict(), "epochs": 3}), tiny_dataset, progress=False))
+    everywhere = _drop_times(fit(augmented, tiny_dataset, progress=False))
+    all_clean = fit(TrainConfig(**{**augmented.to_dict(), "clean_epochs": 3}), tiny_dataset, progress=False)
+    assert _drop_times(all_clean) == plain  # nothing augmented or mixed: plain training, step for step
+    last_clean = _drop_times(fit(TrainConfig(**{**augmented.to_dict(), "clean_epochs": 1}), tiny_dataset,
+                                 progress=False))
+    assert last_clean[:2] == everywhere[:2] and last_clean[2] != everywhere[2]
+    assert last_clean[2]["train_loss"] != plain[2]["train_loss"]  # it continues the augmented run
+
+
 def test_ema_changes_what_is_evaluated(tiny_dataset) -> None:
     plain = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, progress=False)
     averaged = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1, "ema": 0.99}), tiny_dataset, progress=False)

@@ -61,6 +61,8 @@ class TrainConfig:
     erase: float = _field(0.0, "augmentation: probability of erasing a random rectangle (cutout)")
     mixup: float = _field(0.0, "mixup Beta(alpha, alpha) parameter; 0 = off")
     cutmix: float = _field(0.0, "cutmix Beta(alpha, alpha) parameter; 0 = off (with mixup: one or the other per batch)")
+    clean_epochs: int = _field(0, "the last N epochs train on the images as they are: no augmentation, erasing, "
+                                  "mixup or cutmix (0 = augment every epoch)")
     ema: float = _field(0.0, "decay of an exponential moving average of the weights and BatchNorm statistics, "
                              "used for evaluation; 0 = off")
     teacher: str = _field("", "checkpoint of a trained model whose predictions the model also learns from "
@@ -120,6 +122,8 @@ class TrainConfig:
         if self.compile in GRAPH_MODES and (self.mixup or self.cutmix):
             raise KmnistError(f"--compile {self.compile} cannot mix batches (mixup/cutmix): their mixing weight changes "
                               "on the host at every step")
+        if not 0 <= self.clean_epochs <= self.epochs:
+            raise KmnistError(f"clean_epochs must be between 0 and epochs ({self.epochs}), got {self.clean_epochs}")
         if not isinstance(self.model_args, dict):
             raise KmnistError("model_args must be a table of name = value")
 

@@ -232,6 +232,10 @@ class Trainer:
 
     # --- one epoch -------------------------------------------------------------------------------
 
+    def clean(self, epoch: int) -> bool:
+        """Whether `epoch` is one of the last `clean_epochs`, trained on the images as they are."""
+        return epoch > self.config.epochs - self.config.clean_epochs
+
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's training batches: indexing the uint8 tensor on the device, normalised as a batch."""
         config = self.config
@@ -241,10 +245,11 @@ class Trainer:
         else:
             order = torch.randperm(len(self.train), generator=generator, device=self.device)
         augment_generator = self.generator(epoch, 1)
+        augmenting = (self.augment.warps or self.augment.erase) and not self.clean(epoch)
         for step in range(self.steps_per_epoch):
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             images = self.train.images[index].unsqueeze(1)  # (B, 1, 28, 28) uint8
-            if self.augment.warps or self.augment.erase:
+            if augmenting:
                 images = augment(images.float(), self.augment, augment_generator)
             yield normalize(images, **self.normalization), self.train.labels[index]
 
@@ -263,7 +268,7 @@ class Trainer:
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=None if progress else True, unit="batch", dynamic_ncols=True)
-        mixing = config.mixup > 0 or config.cutmix > 0
+        mixing = (config.mixup > 0 or config.cutmix > 0) and not self.clean(epoch)
         mix_generator = self.generator(epoch, 2)
         for step, (images, labels) in enumerate(self.batches(epoch) if batches is None else batches):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
