@@ -1,0 +1,59 @@
+"""Continue a run's saved state under changed settings: a paired comparison for a change that only acts late.
+
+A run's `last.pt` after epoch E holds its weights, optimiser, schedule and random streams. Continued with
+other settings that agree with the run up to epoch E (e.g. `clean_epochs=0` for a run trained with
+`--clean-epochs 2`, copied after epoch epochs - 2), the rest is exactly what a run with those settings
+from the start would compute from there: the same seed and first E epochs, so the two differ by the
+change alone. Checked: a --clean-epochs 2 run's epoch-16 state continued with clean_epochs=0 gave the
+plain run's epochs 17 and 18 digit for digit (docs/benchmarks.md).
+
+    PYTHONPATH=src python3 benchmarks/fork_run.py RUN/last.pt OUT --set clean_epochs=0 --data-dir ../shared/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from kmnist.checkpoint import load_checkpoint
+from kmnist.config import TrainConfig, coerce
+from kmnist.data import load_dataset
+from kmnist.errors import KmnistError
+from kmnist.train import fit
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("state", type=Path, help="a last.pt saved after the epoch to continue from")
+    parser.add_argument("out", type=Path, help="new run folder for the continued run (must not exist)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a config field to change (repeatable)")
+    parser.add_argument("--data-dir", default="../shared/data")
+    args = parser.parse_args()
+    try:
+        payload = load_checkpoint(args.state)
+        if "training_state" not in payload:
+            raise KmnistError(f"{args.state} holds no training state (use a last.pt)")
+        config = dict(payload["config"])
+        for item in args.set:
+            name, _, value = item.partition("=")
+            config[name] = coerce(name, value)
+        if args.out.exists():
+            raise KmnistError(f"{args.out} exists; name a new folder")
+        args.out.mkdir(parents=True)
+        torch.save({**payload, "config": config}, args.out / "last.pt")  # what fit(resume=True) reads
+        dataset = load_dataset(config["dataset"], args.data_dir, download=False)
+        history = fit(TrainConfig(**config), dataset, args.out, resume=True, progress=False)
+    except KmnistError as error:
+        sys.exit(f"fork_run: error: {error}")
+    print("epoch  train acc  val acc  test acc  seconds")
+    for row in history[payload["epoch"]:]:
+        print(f"{row['epoch']:5d}  {row['train_acc']:9.2f}  {row['val_acc']:7.2f}  {row['test_acc']:8.2f}  "
+              f"{row['epoch_seconds']:7.1f}")
+
+
+if __name__ == "__main__":
+    main()
