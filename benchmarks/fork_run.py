@@ -16,9 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-import torch
-
-from kmnist.checkpoint import load_checkpoint
+from kmnist.checkpoint import atomic_torch_save, load_checkpoint
 from kmnist.config import TrainConfig, coerce
 from kmnist.data import load_dataset
 from kmnist.errors import KmnistError
@@ -41,12 +39,13 @@ def main() -> None:
         for item in args.set:
             name, _, value = item.partition("=")
             config[name] = coerce(name, value)
+        forked = TrainConfig(**config)
         if args.out.exists():
             raise KmnistError(f"{args.out} exists; name a new folder")
+        dataset = load_dataset(forked.dataset, args.data_dir, download=False)  # before OUT: a bad folder leaves none
         args.out.mkdir(parents=True)
-        torch.save({**payload, "config": config}, args.out / "last.pt")  # what fit(resume=True) reads
-        dataset = load_dataset(config["dataset"], args.data_dir, download=False)
-        history = fit(TrainConfig(**config), dataset, args.out, resume=True, progress=False)
+        atomic_torch_save({**payload, "config": config}, args.out / "last.pt")  # what fit(resume=True) reads
+        history = fit(forked, dataset, args.out, resume=True, progress=False)
     except KmnistError as error:
         sys.exit(f"fork_run: error: {error}")
     print("epoch  train acc  val acc  test acc  seconds")

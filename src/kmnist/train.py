@@ -232,7 +232,7 @@ class Trainer:
 
     # --- one epoch -------------------------------------------------------------------------------
 
-    def clean(self, epoch: int) -> bool:
+    def is_clean_epoch(self, epoch: int) -> bool:
         """Whether `epoch` is one of the last `clean_epochs`, trained on the images as they are."""
         return epoch > self.config.epochs - self.config.clean_epochs
 
@@ -245,7 +245,7 @@ class Trainer:
         else:
             order = torch.randperm(len(self.train), generator=generator, device=self.device)
         augment_generator = self.generator(epoch, 1)
-        augmenting = (self.augment.warps or self.augment.erase) and not self.clean(epoch)
+        augmenting = (self.augment.warps or self.augment.erase) and not self.is_clean_epoch(epoch)
         for step in range(self.steps_per_epoch):
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
             images = self.train.images[index].unsqueeze(1)  # (B, 1, 28, 28) uint8
@@ -268,7 +268,7 @@ class Trainer:
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=None if progress else True, unit="batch", dynamic_ncols=True)
-        mixing = (config.mixup > 0 or config.cutmix > 0) and not self.clean(epoch)
+        mixing = (config.mixup > 0 or config.cutmix > 0) and not self.is_clean_epoch(epoch)
         mix_generator = self.generator(epoch, 2)
         for step, (images, labels) in enumerate(self.batches(epoch) if batches is None else batches):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
