@@ -5,7 +5,9 @@ other settings that agree with the run up to epoch E (e.g. `clean_epochs=0` for 
 `--clean-epochs 2`, copied after epoch epochs - 2), the rest is exactly what a run with those settings
 from the start would compute from there: the same seed and first E epochs, so the two differ by the
 change alone. Checked: a --clean-epochs 2 run's epoch-16 state continued with clean_epochs=0 gave the
-plain run's epochs 17 and 18 digit for digit (docs/benchmarks.md).
+plain run's epochs 17 and 18 digit for digit (docs/benchmarks.md). OUT is a run folder like any other
+(config.json, environment.json, metrics.csv, last.pt, best.pt): if the fork is interrupted, or to add the
+test predictions, summary and figures, `kmnist train --resume OUT` finishes it.
 
     PYTHONPATH=src python3 benchmarks/fork_run.py RUN/last.pt OUT --set clean_epochs=0 --data-dir ../shared/data
 """
@@ -16,10 +18,13 @@ import argparse
 import sys
 from pathlib import Path
 
+from kmnist import runs
 from kmnist.checkpoint import atomic_torch_save, load_checkpoint
+from kmnist.cli import BALANCED_EPOCH_COLUMNS, EPOCH_COLUMNS, format_header, format_row
 from kmnist.config import TrainConfig, coerce
-from kmnist.data import load_dataset
+from kmnist.data import is_balanced, load_dataset
 from kmnist.errors import KmnistError
+from kmnist.runner import record_environment
 from kmnist.train import fit
 
 
@@ -44,14 +49,15 @@ def main() -> None:
             raise KmnistError(f"{args.out} exists; name a new folder")
         dataset = load_dataset(forked.dataset, args.data_dir, download=False)  # before OUT: a bad folder leaves none
         args.out.mkdir(parents=True)
-        atomic_torch_save({**payload, "config": config}, args.out / "last.pt")  # what fit(resume=True) reads
-        history = fit(forked, dataset, args.out, resume=True, progress=False)
+        runs.write_json(args.out / runs.CONFIG, forked.to_dict())  # OUT records what it ran, as a run folder does
+        record_environment(args.out, resumed=False)
+        atomic_torch_save({**payload, "config": config}, args.out / runs.LAST)  # what fit(resume=True) reads
+        columns = BALANCED_EPOCH_COLUMNS if is_balanced(forked.dataset) else EPOCH_COLUMNS
+        print(format_header(columns), flush=True)
+        fit(forked, dataset, args.out, resume=True, progress=False,
+            on_epoch=lambda row: print(format_row(row, columns), flush=True))  # each epoch as it ends
     except KmnistError as error:
         sys.exit(f"fork_run: error: {error}")
-    print("epoch  train acc  val acc  test acc  seconds")
-    for row in history[payload["epoch"]:]:
-        print(f"{row['epoch']:5d}  {row['train_acc']:9.2f}  {row['val_acc']:7.2f}  {row['test_acc']:8.2f}  "
-              f"{row['epoch_seconds']:7.1f}")
 
 
 if __name__ == "__main__":
