@@ -52,6 +52,40 @@ def test_mixer_patches_and_strides(patch: int, stride: int) -> None:
     assert not any(isinstance(m, torch.nn.Conv2d) for m in model.modules())  # all-MLP: no convolution
 
 
+@pytest.mark.parametrize("patch, stride", [(4, 2), (2, 2), (6, 2)])
+def test_pyramid_mixer_merges_the_fine_grid_into_a_coarse_one(patch: int, stride: int) -> None:
+    model = create_model("mixer-pyramid", patch=patch, stride=stride, dim=16, depth=1, depth2=1).eval()
+    assert model.grid == 14  # 4x4 every 2 pixels on the image padded by 1; 2x2 every 2; 6x6 every 2 padded by 2
+    assert model.stage1[0].mlp_tokens[0].in_features == 196 and model.stage2[0].mlp_tokens[0].in_features == 49
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in model.modules())  # all-MLP: no convolution
+
+
+def test_pyramid_mixer_merge_keeps_neighbours_together() -> None:
+    """The merged token (i, j) holds the fine tokens (2i..2i+1, 2j..2j+1), nothing from elsewhere."""
+    torch.manual_seed(0)
+    model = create_model("mixer-pyramid", dim=8, depth=0, depth2=0).eval()
+    seen = {}
+    model.merge_norm.register_forward_hook(lambda module, inputs, output: seen.update(x=inputs[0]))
+    fine = torch.arange(196.0).reshape(1, 196, 1).expand(1, 196, 8)  # each fine token's index as its features
+    model.embed = torch.nn.Identity()
+    model.position = torch.nn.Parameter(torch.zeros(1, 196, 8))
+    with torch.no_grad(), pytest.MonkeyPatch.context() as patch:  # unfold gives the prepared tokens
+        patch.setattr(torch.nn.functional, "unfold", lambda *a, **k: fine.transpose(1, 2))
+        model(torch.zeros(1, 1, 28, 28))
+    merged = seen["x"].reshape(49, 4, 8)[:, :, 0]  # (coarse token, its 4 fine tokens)
+    for i in range(7):
+        for j in range(7):
+            expected = {14 * (2 * i + a) + 2 * j + b for a in (0, 1) for b in (0, 1)}
+            assert set(merged[7 * i + j].tolist()) == expected
+
+
+def test_pyramid_mixer_needs_an_even_grid() -> None:
+    with pytest.raises(KmnistError, match="even number of steps"):
+        create_model("mixer-pyramid", patch=4, stride=4)  # 7x7: no 2x2 merge
+
+
 def test_bad_model_arguments_are_user_errors() -> None:
     with pytest.raises(KmnistError, match="patch must divide"):
         create_model("report-mixer", patch=5)

@@ -141,3 +141,45 @@ class Mixer(nn.Module):
         x = self.embed(patches) + self.position  # (B, T, C)
         x = self.norm(self.blocks(x))
         return self.head(x.mean(dim=1))
+
+
+@register_model("mixer-pyramid")
+class PyramidMixer(nn.Module):
+    """An all-MLP Mixer in two stages, still with no convolution: `depth` blocks on a fine grid of
+    patches (4x4 every 2 pixels, the image padded by 1: 14x14 tokens), then each 2x2 group of tokens
+    merged into one (their features concatenated, LayerNorm, Linear to twice the width: a reshape and a
+    matrix product) and `depth2` blocks on the 7x7 grid. Channel MLPs widen by `expansion`.
+    """
+
+    def __init__(self, num_classes: int = 10, patch: int = 4, stride: int = 2, dim: int = 96, depth: int = 2,
+                 depth2: int = 6, token_hidden: int = 128, token_hidden2: int = 128, expansion: int = 2,
+                 dropout: float = 0.0, drop_path: float = 0.1):
+        super().__init__()
+        pad = max(0, patch - stride) // 2
+        span = IMAGE_SIZE + 2 * pad - patch
+        grid = span // stride + 1
+        if patch < 1 or stride < 1 or span % stride or grid % 2:
+            raise ValueError(f"patch {patch} with stride {stride} must tile {IMAGE_SIZE} pixels (padded by {pad}) "
+                             f"in an even number of steps; got {span / stride + 1:g}")
+        self.patch, self.stride, self.pad, self.grid = patch, stride, pad, grid
+        fine, coarse = grid * grid, (grid // 2) ** 2
+        self.embed = nn.Linear(patch * patch, dim)
+        self.position = nn.Parameter(torch.zeros(1, fine, dim))
+        total = depth + depth2
+        rates = [drop_path * i / max(1, total - 1) for i in range(total)]  # deeper blocks dropped more often
+        self.stage1 = nn.Sequential(*[MixerBlock(fine, dim, token_hidden, expansion * dim, dropout, rate)
+                                      for rate in rates[:depth]])
+        self.merge_norm = nn.LayerNorm(4 * dim)
+        self.merge = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.stage2 = nn.Sequential(*[MixerBlock(coarse, 2 * dim, token_hidden2, expansion * 2 * dim, dropout, rate)
+                                      for rate in rates[depth:]])
+        self.norm = nn.LayerNorm(2 * dim)
+        self.head = nn.Linear(2 * dim, num_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:  # (B, 1, 28, 28) -> (B, classes)
+        patches = nn.functional.unfold(images, self.patch, padding=self.pad, stride=self.stride).transpose(1, 2)
+        x = self.stage1(self.embed(patches) + self.position)  # (B, grid*grid, C)
+        batch, half, dim = x.shape[0], self.grid // 2, x.shape[2]
+        x = x.reshape(batch, half, 2, half, 2, dim).permute(0, 1, 3, 2, 4, 5).reshape(batch, half * half, 4 * dim)
+        x = self.stage2(self.merge(self.merge_norm(x)))  # (B, (grid/2)^2, 2C)
+        return self.head(self.norm(x).mean(dim=1))

@@ -38,7 +38,7 @@ def model_defaults(name: str) -> dict[str, Any]:
 
 
 # Integer arguments are sizes (at least 1) except these counts, where 0 means none (or, for stride, the patch).
-MAY_BE_ZERO = ("depth", "blocks", "stride")
+MAY_BE_ZERO = ("depth", "depth2", "blocks", "stride")
 RATES = ("dropout", "drop_path")  # probabilities of dropping: 0 to below 1
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
