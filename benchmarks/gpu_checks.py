@@ -36,7 +36,11 @@ step, so a cut-off call keeps what finished). Step groups (--steps, in the order
                                  with overlapping patches (4x4 every 2 pixels, 169 tokens, so that a 2-pixel
                                  shift of the character moves it onto other patches; the preset since
                                  2026-11-30, 96.9%);
-  mixer-wide-overlap             both at once.
+  mixer-wide-overlap             both at once;
+  mixer-pyramid                  `--preset mixer-best --model mixer-pyramid`: the all-MLP model in two
+                                 stages (14x14 tokens, then 2x2 of them merged: 7x7), the best all-MLP
+                                 model on validation on 2 CPU cores (docs/results.md);
+  mixer-pyramid-long             the same for 60 epochs instead of 36.
 
 No step starts after --budget seconds; at --deadline seconds (set it inside the call's time limit)
 whatever has finished, and the epochs so far of the step in progress, are written out and the
@@ -87,9 +91,12 @@ SMOKE_MIXER = ["--epochs", "1", "--model-arg", "dim=16", "--model-arg", "depth=1
 # (docs/benchmarks.md, docs/results.md): on 2026-11-29 the eager steps, cnn-best and the benches; on 2026-11-30 the
 # whole step as one CUDA graph (15.2x; 99.09% in 8.3 s at 30 epochs), cnn-best with --ema's averaged BatchNorm
 # statistics, mixer-overlap, and mixer-wide until a deadline cut it off. Next: the 10-second recipe on other seeds,
-# the wide Mixer to its end and with overlapping patches, cnn-best for longer. benchmarks/gpu_session.sh runs the
-# timed steps alone and the long accuracy runs side by side, which fits far more into one call.
-DEFAULT_STEPS = ("bench-report-final-graph,bench-report-final-graph-compiled,fast-graph-10s,mixer-wide,mixer-wide-overlap,cnn-best-long,fast-compiled,"
+# the wide Mixer to its end and with overlapping patches, cnn-best for longer; since 2026-12-01 first the two-stage
+# all-MLP model (mixer-pyramid, the best all-MLP model on 2 CPU cores: docs/results.md) on another seed, and for
+# longer. benchmarks/gpu_session.sh runs the timed steps alone and the long accuracy runs side by side, which fits
+# far more into one call.
+DEFAULT_STEPS = ("bench-report-final-graph,bench-report-final-graph-compiled,fast-graph-10s,mixer-pyramid,"
+                 "mixer-wide-overlap,cnn-best-long,mixer-pyramid-long,fast-compiled,"
                  "bench-cnn-fast-cpu-graph")
 COMPILE = "reduce-overhead"  # torch.compile with CUDA graphs: launch overhead is what bounds small models on a GPU
 # Four times cnn-fast-cpu's batch of 256, with twice its peak lr of 0.2: at width 8 on a CPU (seed 0, 20 epochs) lr 0.4
@@ -219,6 +226,8 @@ def main() -> int:
         "mixer-wide": [mixer("wide", MIXER_WIDE + MIXER_NO_OVERLAP)],
         "mixer-overlap": [mixer("overlap", MIXER_OVERLAP)],
         "mixer-wide-overlap": [mixer("wide-overlap", MIXER_WIDE + MIXER_OVERLAP)],
+        "mixer-pyramid": [mixer("pyramid", ["--model", "mixer-pyramid"])],
+        "mixer-pyramid-long": [mixer("pyramid-long", ["--model", "mixer-pyramid", "--epochs", "60"])],
     }
     unknown = [name for name in args.steps.split(",") if name not in groups]
     if unknown:

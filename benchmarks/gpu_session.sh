@@ -27,7 +27,7 @@ END=${END:-540}
 TIMED=${TIMED-bench-report-final-graph,bench-report-final-graph-compiled,fast-graph-10s}
 TIMED_SEED=${TIMED_SEED:-3}
 TIMED_DEADLINE=${TIMED_DEADLINE:-180}
-SHARED=${SHARED-mixer-wide@1 mixer-wide-overlap@0 cnn-best-long@0 fast-compiled@0}
+SHARED=${SHARED-mixer-pyramid@1 mixer-pyramid-long@0 mixer-wide-overlap@0 cnn-best-long@0 fast-compiled@0}
 EXTRA=${EXTRA:-}
 PYTHON=${PYTHON:-python3}
 if [ -z "${OUT:-}" ]; then echo "gpu_session.sh: set OUT to the folder for gpu_session.tgz" >&2; exit 2; fi
