@@ -97,6 +97,19 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path:
     assert load_checkpoint(tmp_path / "whole" / runs.BEST)["epoch"] == load_checkpoint(tmp_path / "cut" / runs.BEST)["epoch"]
 
 
+def test_a_run_stopped_between_its_last_checkpoint_and_metrics_gets_every_row_on_resume(tiny_dataset,
+                                                                                       tmp_path: Path) -> None:
+    # A kill after the final epoch's last.pt was written and before metrics.csv was: no epoch is left to
+    # train on resume, and the file must still end with that epoch (the checkpoint's history holds it).
+    fit(TINY, tiny_dataset, tmp_path, progress=False)
+    whole = runs.read_metrics(tmp_path)
+    runs.write_metrics(tmp_path, whole[:-1])
+    resumed = fit(TINY, tiny_dataset, tmp_path, resume=True, progress=False)
+    assert [row["epoch"] for row in resumed] == [1, 2, 3]
+    assert [row["epoch"] for row in runs.read_metrics(tmp_path)] == [1, 2, 3]
+    assert runs.read_metrics(tmp_path)[-1]["val_acc"] == whole[-1]["val_acc"]
+
+
 def test_a_run_saved_before_a_config_field_existed_resumes(tiny_dataset, tmp_path: Path) -> None:
     # A field added later (here the distillation ones) is missing from older checkpoints; its default is
     # what such a run computed, so the run continues.

@@ -462,6 +462,9 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         if run_dir is None or not (run_dir / runs.LAST).is_file():
             raise KmnistError(f"nothing to resume: no {runs.LAST} in {run_dir}")
         start = trainer.restore(run_dir / runs.LAST) + 1
+        # last.pt is written before metrics.csv: a run stopped between the two has one row fewer in the file
+        # than in its checkpoint, and when that was the final epoch no epoch is left to rewrite it.
+        runs.write_metrics(run_dir, trainer.history)
     compile_seconds = trainer.warm_up() if start <= config.epochs else 0.0
     for epoch in range(start, config.epochs + 1):
         _sync(trainer.device)
