@@ -84,6 +84,8 @@ def test_pyramid_mixer_merge_keeps_neighbours_together() -> None:
 def test_pyramid_mixer_needs_an_even_grid() -> None:
     with pytest.raises(KmnistError, match="even number of steps"):
         create_model("mixer-pyramid", patch=4, stride=4)  # 7x7: no 2x2 merge
+    with pytest.raises(KmnistError, match="even number of steps"):
+        create_model("mixer-pyramid", patch=4, stride=0)  # 0 means the patch, as for `mixer`
 
 
 def test_bad_model_arguments_are_user_errors() -> None:

@@ -109,6 +109,11 @@ class MixerBlock(nn.Module):
         return x + self.drop_path(self.mlp_channels(self.norm_channels(x)))
 
 
+def drop_path_rates(rate: float, blocks: int) -> list[float]:
+    """Stochastic-depth rates rising linearly from 0 to `rate`: deeper blocks are dropped more often."""
+    return [rate * i / max(1, blocks - 1) for i in range(blocks)]
+
+
 @register_model("mixer")
 class Mixer(nn.Module):
     """An all-MLP Mixer with no convolution: residual, pre-norm, GELU, stochastic depth.
@@ -127,7 +132,7 @@ class Mixer(nn.Module):
         tokens = ((IMAGE_SIZE - patch) // stride + 1) ** 2
         self.embed = nn.Linear(patch * patch, dim)
         self.position = nn.Parameter(torch.zeros(1, tokens, dim))
-        rates = [drop_path * i / max(1, depth - 1) for i in range(depth)]  # deeper blocks dropped more often
+        rates = drop_path_rates(drop_path, depth)
         self.blocks = nn.Sequential(*[MixerBlock(tokens, dim, token_hidden, channel_hidden, dropout, rate)
                                       for rate in rates])
         self.norm = nn.LayerNorm(dim)
@@ -155,6 +160,7 @@ class PyramidMixer(nn.Module):
                  depth2: int = 6, token_hidden: int = 128, token_hidden2: int = 128, expansion: int = 2,
                  dropout: float = 0.0, drop_path: float = 0.1):
         super().__init__()
+        stride = stride or patch  # 0: patches side by side, as for `mixer` (here a 7x7 grid, refused below)
         pad = max(0, patch - stride) // 2
         span = IMAGE_SIZE + 2 * pad - patch
         grid = span // stride + 1
@@ -165,8 +171,7 @@ class PyramidMixer(nn.Module):
         fine, coarse = grid * grid, (grid // 2) ** 2
         self.embed = nn.Linear(patch * patch, dim)
         self.position = nn.Parameter(torch.zeros(1, fine, dim))
-        total = depth + depth2
-        rates = [drop_path * i / max(1, total - 1) for i in range(total)]  # deeper blocks dropped more often
+        rates = drop_path_rates(drop_path, depth + depth2)  # one rising schedule over both stages
         self.stage1 = nn.Sequential(*[MixerBlock(fine, dim, token_hidden, expansion * dim, dropout, rate)
                                       for rate in rates[:depth]])
         self.merge_norm = nn.LayerNorm(4 * dim)
