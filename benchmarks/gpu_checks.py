@@ -30,16 +30,17 @@ step, so a cut-off call keeps what finished). Step groups (--steps, in the order
                                  (target: >= 99.4%);
   cnn-best-long                  the same for 100 epochs instead of 60 (its test accuracy was still
                                  rising at epoch 60 on an H200);
-  mixer-wide, mixer-overlap      `--preset mixer-best`, seed --first-seed (0), with what 2 CPU cores could not afford (target:
+  mixer-wide, mixer-overlap      `--preset mixer-flat` (the one-stage Mixer; `mixer-best` until 2026-12-01),
+                                 seed --first-seed (0), with what 2 CPU cores could not afford (target:
                                  >= 98.0% with no convolution): twice its width and depth and 60 epochs with
                                  4x4 patches every 4 pixels (96.4% at the usual size), or at the usual size
                                  with overlapping patches (4x4 every 2 pixels, 169 tokens, so that a 2-pixel
-                                 shift of the character moves it onto other patches; the preset since
-                                 2026-11-30, 96.9%);
+                                 shift of the character moves it onto other patches; the preset itself,
+                                 96.9%);
   mixer-wide-overlap             both at once;
-  mixer-pyramid                  `--preset mixer-best --model mixer-pyramid`: the all-MLP model in two
-                                 stages (14x14 tokens, then 2x2 of them merged: 7x7), the best all-MLP
-                                 model on validation on 2 CPU cores (docs/results.md);
+  mixer-pyramid                  `--preset mixer-best`: the all-MLP model in two stages (14x14 tokens,
+                                 then 2x2 of them merged: 7x7), the best all-MLP model on validation on 2
+                                 CPU cores (docs/results.md);
   mixer-pyramid-long             the same for 60 epochs instead of 36.
 
 No step starts after --budget seconds; at --deadline seconds (set it inside the call's time limit)
@@ -103,13 +104,14 @@ COMPILE = "reduce-overhead"  # torch.compile with CUDA graphs: launch overhead i
 # and 0.8 tied on best validation accuracy (99.34 / 99.36%) and 0.4 ended higher (99.32 / 99.28%), which is what a
 # --val-size 0 run ends with (docs/benchmarks.md).
 LARGE_BATCH = ["--batch-size", "1024", "--lr", "0.4"]
-# mixer-best (dim 128, depth 4, 36 epochs) was still gaining validation accuracy at its end on the CPU.
+# mixer-flat (dim 128, depth 4, 36 epochs; mixer-best until 2026-12-01) was still gaining validation accuracy at
+# its end on the CPU.
 MIXER_WIDE = ["--model-arg", "dim=256", "--model-arg", "depth=8", "--model-arg", "token_hidden=256",
               "--model-arg", "channel_hidden=512", "--epochs", "60"]
-# Patches every 4 or every 2 pixels, named whatever the preset's own (2 since 2026-11-30).
+# Patches every 4 or every 2 pixels, named whatever the preset's own (2).
 MIXER_NO_OVERLAP = ["--model-arg", "stride=4"]
 MIXER_OVERLAP = ["--model-arg", "stride=2"]
-PRESETS = ("cnn-fast-cpu", "cnn-best", "mixer-best")  # run folders are named <preset><kind>-s<seed>
+PRESETS = ("cnn-fast-cpu", "cnn-best", "mixer-best", "mixer-flat")  # run folders are named <preset><kind>-s<seed>
 RUN_FILES = ("config.json", "summary.json", "metrics.csv", "environment.json")  # what comes back of each run
 
 
@@ -195,10 +197,10 @@ def main() -> int:
 
     first = args.first_seed
 
-    def mixer(kind: str, flags: list[str]) -> tuple[str, list[str]]:
-        return f"mixer-best {kind} seed {first}", [
-            "train", "--preset", "mixer-best", "--seed", str(first), *flags, *common, *mixer_extra,
-            "--out", str(scratch / f"mixer-best-{kind}-s{first}")]
+    def mixer(preset: str, tag: str, flags: list[str]) -> tuple[str, list[str]]:
+        return f"{preset}{tag.replace('-', ' ')} seed {first}", [
+            "train", "--preset", preset, "--seed", str(first), *flags, *common, *mixer_extra,
+            "--out", str(scratch / f"{preset}{tag}-s{first}")]
 
     seeds = range(first, first + args.seeds)
     groups: dict[str, list[tuple[str, list[str]]]] = {
@@ -223,11 +225,11 @@ def main() -> int:
         "cnn-best-long": [(f"cnn-best long seed {first}", [
             "train", "--preset", "cnn-best", "--seed", str(first), "--epochs", "100",
             *common, *train_extra, "--out", str(scratch / f"cnn-best-long-s{first}")])],
-        "mixer-wide": [mixer("wide", MIXER_WIDE + MIXER_NO_OVERLAP)],
-        "mixer-overlap": [mixer("overlap", MIXER_OVERLAP)],
-        "mixer-wide-overlap": [mixer("wide-overlap", MIXER_WIDE + MIXER_OVERLAP)],
-        "mixer-pyramid": [mixer("pyramid", ["--model", "mixer-pyramid"])],
-        "mixer-pyramid-long": [mixer("pyramid-long", ["--model", "mixer-pyramid", "--epochs", "60"])],
+        "mixer-wide": [mixer("mixer-flat", "-wide", MIXER_WIDE + MIXER_NO_OVERLAP)],
+        "mixer-overlap": [mixer("mixer-flat", "-overlap", MIXER_OVERLAP)],
+        "mixer-wide-overlap": [mixer("mixer-flat", "-wide-overlap", MIXER_WIDE + MIXER_OVERLAP)],
+        "mixer-pyramid": [mixer("mixer-best", "", [])],
+        "mixer-pyramid-long": [mixer("mixer-best", "-long", ["--epochs", "60"])],
     }
     unknown = [name for name in args.steps.split(",") if name not in groups]
     if unknown:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kmnist.config import resolve_config
 from kmnist.errors import KmnistError
 from kmnist.models import create_model, list_models, model_defaults
 
@@ -86,6 +87,14 @@ def test_pyramid_mixer_needs_an_even_grid() -> None:
         create_model("mixer-pyramid", patch=4, stride=4)  # 7x7: no 2x2 merge
     with pytest.raises(KmnistError, match="even number of steps"):
         create_model("mixer-pyramid", patch=4, stride=0)  # 0 means the patch, as for `mixer`
+
+
+@pytest.mark.parametrize("preset", ["mixer-best", "mixer-flat"])
+def test_all_mlp_presets_have_no_convolution(preset: str) -> None:
+    config = resolve_config(preset=preset)
+    model = create_model(config.model, **config.model_args)
+    assert not any(isinstance(m, torch.nn.modules.conv._ConvNd) for m in model.modules())
+    assert any(isinstance(m, torch.nn.Linear) for m in model.modules())
 
 
 def test_bad_model_arguments_are_user_errors() -> None:
