@@ -108,7 +108,7 @@ LARGE_BATCH = ["--batch-size", "1024", "--lr", "0.4"]
 # its end on the CPU.
 MIXER_WIDE = ["--model-arg", "dim=256", "--model-arg", "depth=8", "--model-arg", "token_hidden=256",
               "--model-arg", "channel_hidden=512", "--epochs", "60"]
-# Patches every 4 or every 2 pixels, named whatever the preset's own (2).
+# Patches every 4 or every 2 pixels, named even where it is the preset's own stride (mixer-flat's is 2).
 MIXER_NO_OVERLAP = ["--model-arg", "stride=4"]
 MIXER_OVERLAP = ["--model-arg", "stride=2"]
 PRESETS = ("cnn-fast-cpu", "cnn-best", "mixer-best", "mixer-flat")  # run folders are named <preset><kind>-s<seed>
