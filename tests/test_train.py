@@ -97,6 +97,28 @@ def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path:
     assert load_checkpoint(tmp_path / "whole" / runs.BEST)["epoch"] == load_checkpoint(tmp_path / "cut" / runs.BEST)["epoch"]
 
 
+def test_ctrl_c_while_an_epoch_is_saved_waits_until_its_checkpoint_and_metrics_agree(tiny_dataset, tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    import signal
+
+    import kmnist.train
+
+    save = kmnist.train.atomic_torch_save
+
+    def interrupted_save(payload, path) -> None:
+        if Path(path).name == runs.LAST:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of writing epoch 1's files
+        save(payload, path)
+
+    monkeypatch.setattr(kmnist.train, "atomic_torch_save", interrupted_save)
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        fit(TINY, tiny_dataset, tmp_path, progress=False)
+    assert load_checkpoint(tmp_path / runs.LAST)["epoch"] == 1
+    assert [row["epoch"] for row in runs.read_metrics(tmp_path)] == [1]
+    assert signal.getsignal(signal.SIGINT) is handler
+
+
 def test_a_run_stopped_between_its_last_checkpoint_and_metrics_gets_every_row_on_resume(tiny_dataset,
                                                                                        tmp_path: Path) -> None:
     # A kill after the final epoch's last.pt was written and before metrics.csv was: no epoch is left to

@@ -5,8 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kmnist.errors import KmnistError
 from kmnist.files import atomic_writer
@@ -26,6 +29,26 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "va
 def atomic_write_text(path: str | Path, text: str) -> None:
     with atomic_writer(path, "w") as out:
         out.write(text)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Holds Ctrl-C and SIGTERM back until the block ends, then delivers the first to arrive to its own
+    handler: files written together (a checkpoint and the metrics that describe it) are never left one
+    epoch apart. Only the main thread receives signals; elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    held = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in held}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if caught:
+            signal.raise_signal(caught[0])
 
 
 def _jsonable(value: Any) -> Any:

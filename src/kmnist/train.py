@@ -462,8 +462,8 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         if run_dir is None or not (run_dir / runs.LAST).is_file():
             raise KmnistError(f"nothing to resume: no {runs.LAST} in {run_dir}")
         start = trainer.restore(run_dir / runs.LAST) + 1
-        # last.pt is written before metrics.csv: a run stopped between the two has one row fewer in the file
-        # than in its checkpoint, and when that was the final epoch no epoch is left to rewrite it.
+        # The checkpoint's history is the record: metrics.csv follows it (a run stopped by a kill that
+        # cannot be held back, between last.pt and metrics.csv, has one row fewer in the file).
         runs.write_metrics(run_dir, trainer.history)
     compile_seconds = trainer.warm_up() if start <= config.epochs else 0.0
     for epoch in range(start, config.epochs + 1):
@@ -495,10 +495,11 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         if improved:
             trainer.best_val_score = score
         if run_dir is not None:
-            if improved or not len(trainer.val):
-                atomic_torch_save(trainer.checkpoint(epoch, with_training_state=False), run_dir / runs.BEST)
-            atomic_torch_save(trainer.checkpoint(epoch, with_training_state=True), run_dir / runs.LAST)
-            runs.write_metrics(run_dir, trainer.history)
+            with runs.signals_deferred():  # a stop now waits for the epoch's files to agree
+                if improved or not len(trainer.val):
+                    atomic_torch_save(trainer.checkpoint(epoch, with_training_state=False), run_dir / runs.BEST)
+                atomic_torch_save(trainer.checkpoint(epoch, with_training_state=True), run_dir / runs.LAST)
+                runs.write_metrics(run_dir, trainer.history)
         if on_epoch is not None:
             on_epoch(row)
     return trainer.history
