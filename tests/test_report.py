@@ -169,6 +169,7 @@ def test_hardware_names_the_cpu_features_that_set_its_speed() -> None:
     assert hardware_summary(zen5) == "AMD EPYC (AVX512-BF16), 2 threads"
     assert hardware_summary(zen3) == "AMD EPYC (AVX2), 2 threads"
     assert hardware_summary({"cpu": "AMD EPYC", "torch_threads": 2}) == "AMD EPYC, 2 threads"  # saved before
+    assert hardware_summary({"cpu": "AMD EPYC", "torch_threads": 1}) == "AMD EPYC, 1 thread"
     assert set(environment()["cpu_features"]) <= {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
 
 

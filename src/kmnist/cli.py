@@ -544,7 +544,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         plan = sweep.describe(spec)
         fixed = ", ".join(f"{k}={v}" for k, v in plan["config"].items())
         print(f"{plan['method']} sweep over {', '.join(a['name'] for a in plan['axes'])}; seeds "
-              f"{', '.join(map(str, plan['seeds']))}: {plan['runs']} runs")
+              f"{', '.join(map(str, plan['seeds']))}: {plan['runs']} run{'' if plan['runs'] == 1 else 's'}")
         print(f"  base: preset {plan['preset'] or '(defaults)'}" + (f"; {fixed}" if fixed else ""))
         for name in plan["trial_names"]:
             print(f"  {sweep.TRIALS}/{name}")

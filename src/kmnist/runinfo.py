@@ -79,4 +79,5 @@ def hardware_summary(env: dict[str, Any]) -> str:
     features = features if isinstance(features, list) else []
     best = next((FEATURE_NAMES[name] for name in reversed(CPU_FEATURES) if name in features), None)
     threads = env.get("torch_threads")
-    return f"{env.get('cpu', 'unknown CPU')}{f' ({best})' if best else ''}{f', {threads} threads' if threads else ''}"
+    count = f", {threads} thread{'' if threads == 1 else 's'}" if threads else ""
+    return f"{env.get('cpu', 'unknown CPU')}{f' ({best})' if best else ''}{count}"
