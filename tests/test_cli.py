@@ -166,8 +166,11 @@ def test_a_path_that_cannot_be_written_is_one_line(data_dir: Path, tmp_path: Pat
         assert_one_line_error(code, err, fragment)
     assert sorted(p.name for p in Path(".").iterdir() if p.name != data_dir.name) == ["model.pt", "taken"]
     # The output files of a benchmark are checked before it starts, not after minutes of work.
-    for args, fragment in ((["--json", "taken/x/bench.json"], "--json taken/x/bench.json: taken is a file, not a"),
-                           (["--markdown", "."], "--markdown . is a folder")):
+    cases = [(["--json", "taken/x/bench.json"], "--json taken/x/bench.json: taken is a file, not a"),
+             (["--markdown", "."], "--markdown . is a folder")]
+    if Path("/proc/self").is_dir():  # a folder no one can make files in, root included (os.access says yes to root)
+        cases.append((["--json", "/proc/bench.json"], "--json /proc/bench.json: cannot write in /proc"))
+    for args, fragment in cases:
         code, out, err = run_cli(["bench", *args, "--data-dir", str(data_dir), "--skip-md5"], capsys)
         assert_one_line_error(code, err, fragment)
         assert "benchmarking" not in out

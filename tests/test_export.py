@@ -57,3 +57,15 @@ def test_export_without_data_is_one_line(tiny_checkpoint: Path, tmp_path: Path, 
                  str(tmp_path / "nothing")])
     err = capsys.readouterr().err
     assert code != 0 and err.count("\n") == 1 and "files missing" in err
+
+
+def test_export_to_a_path_it_cannot_write_fails_before_the_work(tiny_checkpoint: Path, tmp_path: Path, offline: None,
+                                                                capsys) -> None:
+    # Checked before the data is loaded and the model exported and validated (tens of seconds on the real test set):
+    # no data is given here, so a data error would mean the path was checked too late.
+    for where, says in ((tmp_path, "is a folder"), (tmp_path / "taken" / "m.onnx", "is a file, not a folder")):
+        (tmp_path / "taken").write_text("")
+        code = main(["export", str(tiny_checkpoint), "--onnx", str(where), "--data-dir", str(tmp_path / "nothing")])
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and says in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no probe left behind

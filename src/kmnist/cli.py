@@ -9,6 +9,7 @@ import os
 import shlex
 import signal
 import sys
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -141,8 +142,13 @@ def check_output_file(path_text: str | None, option: str) -> None:
         raise KmnistError(f"{option} {path} is a folder; name a file")
     check_no_file_above(path, option)
     path.parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(path.parent, os.W_OK):
-        raise KmnistError(f"{option} {path}: cannot write in {path.parent}")
+    # A file made and removed, not os.access: that says yes to root on a read-only file system or in /proc.
+    try:
+        handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as error:
+        raise KmnistError(f"{option} {path}: cannot write in {path.parent} ({error.strerror or error})") from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def check_output_folder(path_text: str | None, option: str) -> None:
@@ -473,6 +479,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from kmnist.export import export_checkpoint
 
+    check_output_file(args.onnx, "--onnx")
     report = export_checkpoint(args.checkpoint, args.onnx, data_dir_from_args(args), check_md5=not args.skip_md5,
                                tolerance=args.tolerance, batch_size=args.batch_size)
     print(f"wrote {report['path']} ({report['bytes'] / 1024:.0f} KiB, opset {report['opset']}, "
