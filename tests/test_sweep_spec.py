@@ -46,6 +46,7 @@ def test_axes_are_typed_like_their_fields() -> None:
     ({"random": ["lr=0..0.1:log"], "trials": 3}, "positive low end"),
     ({"random": ["optimizer=adam..sgd"], "trials": 3}, "not numeric"),
     ({"random": ["lr=1e-4..1e-1"]}, "needs --trials"),
+    ({"random": ["lr=1e-4..1e-1"], "trials": 0}, "--trials must be at least 1, got 0"),
     ({"tpe": ["batch_size=64,128"], "trials": 3}, "only 2 points"),
     ({"grid": ["lr=0.1"], "trials": 3}, "--trials is for random/TPE"),
     ({}, "give exactly one of"),

@@ -85,8 +85,10 @@ class SweepSpec:
                 raise KmnistError(f"a grid needs lists of values, not ranges ({', '.join(ranged)}); "
                                   "ranges are for --random/--tpe")
         else:
-            if not self.trials or self.trials < 1:
+            if self.trials is None:
                 raise KmnistError(f"a {self.method} search needs --trials N (points to sample)")
+            if self.trials < 1:
+                raise KmnistError(f"--trials must be at least 1, got {self.trials}")
             size = space_size(self.axes)
             if size is not None and self.trials > size:
                 raise KmnistError(f"--trials {self.trials} but the space holds only {size} points; use --grid")
