@@ -142,7 +142,7 @@ def check_output_file(path_text: str | None, option: str) -> None:
         raise KmnistError(f"{option} {path} is a folder; name a file")
     check_no_file_above(path, option)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # A file made and removed, not os.access: that says yes to root on a read-only file system or in /proc.
+    # A file made and removed, not os.access, which says yes to root even where no file can be made (/proc).
     try:
         handle, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
     except OSError as error:
