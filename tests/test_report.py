@@ -132,10 +132,50 @@ def test_repeated_seeds_are_named_and_unreadable_files_are_one_line(tmp_path: Pa
     assert len(err) == 1 and "summary.json: not readable JSON" in err[0]
 
     make_run(tmp_path / "cut" / "d", lr=0.01, complete=False)
+    (tmp_path / "cut" / "d" / runs.METRICS).unlink()  # cut off before its first epoch ended
     assert main(["report", str(tmp_path / "cut"), "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no finished runs to report: 1 run(s) without summary.json" in err[0]
+    assert len(err) == 1 and "nothing to report: 1 run(s) without summary.json and without a finished epoch" in err[0]
     assert not (tmp_path / "out2").exists()
+
+
+def test_unfinished_runs_are_left_out_of_the_table_and_drawn_as_far_as_they_got(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "going", lr=0.01, epochs=3, complete=False)  # 3 of its 20 epochs so far
+    make_run(tmp_path / "early", lr=0.01, complete=False)
+    (tmp_path / "early" / runs.METRICS).unlink()  # no epoch finished: nothing to draw
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "0 finished run(s) in 0 configuration(s), 2 unfinished" in printed
+    assert "1 learning-curve figure(s)" in printed and "(1 of unfinished runs, as far as they got)" in printed
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert table.startswith("No finished runs yet") and "| configuration |" not in table
+    assert "early, going (3 of 20 epochs)." in table and "those with a finished epoch are drawn in report.html" in table
+    assert [path.name for path in (tmp_path / "out" / "curves").iterdir()] == ["going.png"]
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "Unfinished runs (not in the table)" in page and "<figcaption>going: 3 of 20 epochs</figcaption>" in page
+    assert "<table>" not in page
+
+    # Beside a finished run: the finished one is tabulated, the unfinished one only drawn.
+    make_run(tmp_path / "done", lr=0.01, seed=1, test_at_val=97.0)
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert "1 finished run(s) in 1 configuration(s), 2 unfinished" in printed
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| 1 | 95.00 | 97.00 |" in table and "going (3 of 20 epochs)" in table
+    assert sorted(path.name for path in (tmp_path / "out" / "curves").iterdir()) == ["done.png", "going.png"]
+
+
+def test_a_run_of_one_epoch_is_drawn_on_whole_epochs(tmp_path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    from kmnist import plots
+
+    figure, axis = plt.subplots()
+    axis.plot([1], [80.0])
+    plots._epoch_axis(axis, [1])
+    figure.canvas.draw()
+    assert list(axis.get_xticks()) == [0.0, 1.0, 2.0]  # not 0.95, 0.96, ... 1.05
+    plt.close(figure)
 
 
 def test_runs_without_a_validation_split_show_their_final_test_accuracy(tmp_path: Path, capsys) -> None:

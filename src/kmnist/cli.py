@@ -619,7 +619,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     for path in result["files"]:
         if path != result["html"]:
             print(f"  {path}")
-    print(f"  {result['curves']} learning-curve figure(s) in {Path(result['out']) / 'curves'}")
+    unfinished = result["unfinished_curves"]
+    print(f"  {result['curves'] + unfinished} learning-curve figure(s) in {Path(result['out']) / 'curves'}"
+          + (f" ({unfinished} of unfinished runs, as far as they got)" if unfinished else ""))
     return 0
 
 
@@ -800,7 +802,8 @@ def build_parser() -> Parser:
         "report", help="results table, learning curves and one HTML page from run and sweep directories",
         description="From run and sweep directories: a results table like the report's Table 4.1 (mean ± std over "
                     "seeds; Markdown and CSV), learning curves per run, an overlay of all runs, accuracy against the "
-                    "one numeric setting that varies, and report.html holding all of it.")
+                    "one numeric setting that varies, and report.html holding all of it. Runs still going or cut "
+                    "off are left out of the table; their learning curves so far are drawn.")
     report.add_argument("dirs", nargs="+", metavar="DIR", help="run directories, or folders holding them (sweeps)")
     report.add_argument("--out", metavar="DIR", help="where to write (default: DIR/report for one DIR)")
     report.add_argument("--vs", metavar="SETTING",

@@ -40,6 +40,13 @@ def _save(figure: plt.Figure, path: Path) -> Path:
     return path
 
 
+def _epoch_axis(axis: plt.Axes, epochs: Sequence[int]) -> None:
+    """Whole epochs on the x axis: no tick at 1.5, and a run of one epoch is not spread over 0.95-1.05."""
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if epochs and min(epochs) == max(epochs):
+        axis.set_xlim(min(epochs) - 1, max(epochs) + 1)
+
+
 def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "", balanced: bool = False) -> Path:
     """Accuracy and loss per epoch for train, validation and test, side by side (the report's Fig 4.x).
 
@@ -63,7 +70,7 @@ def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = 
     for axis in (acc_axis, loss_axis):
         axis.grid(alpha=0.3)
         axis.legend()
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole: no tick at 1.5
+        _epoch_axis(axis, epochs)
     if title:
         figure.suptitle(title)
     return _save(figure, path)
@@ -150,7 +157,7 @@ def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = ""
                               linewidth=0)
     for axis, (_, label) in zip(axes, panels):
         axis.set(xlabel="epoch", title=label)
-        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _epoch_axis(axis, [epoch for curve in curves for epoch in curve["epoch"]])
         axis.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
     if not handles:

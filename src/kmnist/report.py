@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from kmnist import plots, runs
 from kmnist.data import is_balanced
 from kmnist.errors import KmnistError
-from kmnist.results import (METRICS, TABLE_FIELDS, Group, Results, collect, format_setting, group_curves,
+from kmnist.results import (METRICS, TABLE_FIELDS, Group, Results, Run, collect, format_setting, group_curves,
                             versus_field)
 
 MARKDOWN = "results.md"
@@ -86,21 +86,52 @@ def table_rows(results: Results) -> list[dict[str, str]]:
     return rows
 
 
-def markdown(results: Results) -> str:
-    columns = table_columns(results)
-    escape = lambda text: text.replace("|", "\\|")  # noqa: E731
-    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
-    lines += ["| " + " | ".join(escape(row[c]) for c in columns) + " |" for row in table_rows(results)]
-    lines += ["", *(f"- {note}" for note in NOTES)]
+def markdown(results: Results, unfinished: dict[str, list[dict[str, Any]]] | None = None) -> str:
+    """The table and its notes; `unfinished` (run name -> its epochs so far) says how far each unfinished run got."""
+    if not results.groups:
+        lines = ["No finished runs yet: nothing to tabulate.", ""]
+    else:
+        columns = table_columns(results)
+        escape = lambda text: text.replace("|", "\\|")  # noqa: E731
+        lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+        lines += ["| " + " | ".join(escape(row[c]) for c in columns) + " |" for row in table_rows(results)]
+        lines += ["", *(f"- {note}" for note in NOTES)]
     if results.hardware:
         lines.append(f"- Hardware: {'; '.join(results.hardware)}.")
     for group in results.groups:
         if group.repeated_seeds:
             lines.append(f"- {group.label}: {repeated_text(group)}.")
     if results.incomplete:
-        lines.append(f"- Not in the table ({len(results.incomplete)} run(s) without summary.json: cut off, running "
-                     f"or failed): {', '.join(run.name for run in results.incomplete)}.")
+        lines.append(f"- {incomplete_text(results, unfinished or {})}.")
     return "\n".join(lines) + "\n"
+
+
+def incomplete_text(results: Results, unfinished: dict[str, list[dict[str, Any]]]) -> str:
+    """The runs left out of the table, each with how far it got; those with epochs have curves in report.html."""
+    names = [f"{run.name} ({epochs_text(run, unfinished[run.name])})" if run.name in unfinished else run.name
+             for run in results.incomplete]
+    curves = "; those with a finished epoch are drawn in report.html, as far as they got" if unfinished else ""
+    return (f"Not in the table ({len(results.incomplete)} run(s) without summary.json: cut off, running or "
+            f"failed{curves}): {', '.join(names)}")
+
+
+def epochs_text(run: Run, history: list[dict[str, Any]]) -> str:
+    total = run.config.get("epochs")
+    return f"{history[-1]['epoch']} of {total} epochs" if total else f"{history[-1]['epoch']} epochs"
+
+
+def unfinished_histories(results: Results) -> dict[str, list[dict[str, Any]]]:
+    """The epochs so far of each unfinished run that has any (a run still going rewrites its metrics.csv
+    atomically, so it can be read at any moment); one whose table is missing or unreadable has none."""
+    histories = {}
+    for run in results.incomplete:
+        try:
+            history = runs.read_metrics(run.run_dir)
+        except (OSError, KmnistError):
+            continue
+        if history:
+            histories[run.name] = history
+    return histories
 
 
 def repeated_text(group: Group) -> str:
@@ -134,9 +165,20 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
 
 
-def write_figures(results: Results, out: Path, vs: str | None) -> dict[str, Any]:
-    """Per-run learning curves, the overlay, and accuracy against the one varying numeric setting."""
-    figures: dict[str, Any] = {"curves": []}
+def write_figures(results: Results, out: Path, vs: str | None,
+                  unfinished: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+    """Per-run learning curves (of unfinished runs too, as far as they got), the overlay, and accuracy against
+    the one varying numeric setting."""
+    figures: dict[str, Any] = {"curves": [], "unfinished": []}
+    for run in results.incomplete:
+        history = (unfinished or {}).get(run.name)
+        if history:
+            path = plots.learning_curves(
+                history, out / CURVES / f"{file_stem(run.name)}.png",
+                title=f"{run.name} ({run.config['model']} on {run.config['dataset']}; unfinished: "
+                      f"{epochs_text(run, history)})",
+                balanced=is_balanced(run.config["dataset"]))
+            figures["unfinished"].append((run.name, epochs_text(run, history), path))
     for group in results.groups:
         for run in group.runs:
             path = plots.learning_curves(runs.read_metrics(run.run_dir), out / CURVES / f"{file_stem(run.name)}.png",
@@ -174,7 +216,8 @@ def _inline_markdown(text: str) -> str:
     return re.sub(r"\*(.+?)\*", r"<em>\1</em>", text)
 
 
-def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str]) -> str:
+def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str],
+              unfinished: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """One file holding the table and every figure (PNG as data URIs): nothing to fetch, nothing beside it."""
     columns = table_columns(results)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -194,13 +237,14 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str])
         "<h1>kmnist results</h1>",
         f"<p>{len([r for g in results.groups for r in g.runs])} finished run(s) in {len(results.groups)} "
         f"configuration(s), from {html.escape(', '.join(sources))}.</p>",
-        "<h2>Results</h2>", f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
-        f"<ul>{notes}</ul>",
     ]
+    if results.groups:
+        parts += ["<h2>Results</h2>", f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>",
+                  f"<ul>{notes}</ul>"]
+    else:
+        parts.append("<p>No finished runs yet: nothing to tabulate.</p>")
     if results.incomplete:
-        names = ", ".join(html.escape(run.name) for run in results.incomplete)
-        parts.append(f"<p>Not in the table ({len(results.incomplete)} run(s) without summary.json: cut off, running "
-                     f"or failed): {names}.</p>")
+        parts.append(f"<p>{html.escape(incomplete_text(results, unfinished or {}))}.</p>")
     if "versus" in figures:
         setting = html.escape(figures["versus_setting"])
         parts += [f"<h2>Accuracy against {setting}</h2>",
@@ -216,6 +260,12 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str])
             parts.append(f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'>"
                          f"<figcaption>{html.escape(label)}: {html.escape(name)}</figcaption></figure>")
         parts.append("</div>")
+    if figures["unfinished"]:
+        parts.append("<h2>Unfinished runs (not in the table): learning curves so far</h2><div class='curves'>")
+        for name, progress, path in figures["unfinished"]:
+            parts.append(f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'>"
+                         f"<figcaption>{html.escape(name)}: {html.escape(progress)}</figcaption></figure>")
+        parts.append("</div>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
 
@@ -223,24 +273,27 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str])
 def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None) -> dict[str, Any]:
     """Build every report file in `out` from the run directories below `paths`; returns what was written."""
     results = collect(paths)
-    if not results.groups:
-        raise KmnistError(f"no finished runs to report: {len(results.incomplete)} run(s) without summary.json "
-                          f"(cut off, running or failed): {', '.join(run.name for run in results.incomplete)}")
+    unfinished = unfinished_histories(results)
+    if not results.groups and not unfinished:
+        raise KmnistError(f"nothing to report: {len(results.incomplete)} run(s) without summary.json and without "
+                          f"a finished epoch (cut off, running or failed): "
+                          f"{', '.join(run.name for run in results.incomplete)}")
     for run in (run for group in results.groups for run in group.runs):  # before any file is written
         if not runs.read_metrics(run.run_dir):
             raise KmnistError(f"{run.run_dir / runs.METRICS} holds no epochs, yet its summary.json says the run "
                               "finished")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results)
+    table = markdown(results, unfinished)
     runs.atomic_write_text(out / MARKDOWN, table)
     runs.atomic_write_text(out / CSV, csv_text(results))
-    figures = write_figures(results, out, vs)
-    runs.atomic_write_text(out / HTML, html_page(results, figures, [str(p) for p in paths]))
+    figures = write_figures(results, out, vs, unfinished)
+    runs.atomic_write_text(out / HTML, html_page(results, figures, [str(p) for p in paths], unfinished))
     written = [out / MARKDOWN, out / CSV, out / HTML]
     written += [figures[name] for name in ("overlay", "versus") if name in figures]
     return {"out": str(out), "markdown": table, "html": str(out / HTML), "files": [str(p) for p in written],
-            "curves": len(figures["curves"]), "groups": len(results.groups),
+            "curves": len(figures["curves"]), "unfinished_curves": len(figures["unfinished"]),
+            "groups": len(results.groups),
             "runs": sum(len(group.runs) for group in results.groups), "incomplete": len(results.incomplete),
             "versus": figures.get("versus_setting")}
 
