@@ -328,7 +328,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         from kmnist import runs
 
+        # Where the data came from goes into the advice too: pasted as printed, it must find the same files.
         again = f"kmnist train --resume {shlex.quote(str(run_dir))}"
+        if args.data_dir:
+            again += f" --data-dir {shlex.quote(str(args.data_dir))}"
+        if args.skip_md5:
+            again += " --skip-md5"
         if (run_dir / runs.LAST).is_file():
             print(f"\ninterrupted; finished epochs are saved. Continue with: {again}", file=sys.stderr)
         elif (run_dir / runs.CONFIG).is_file():
