@@ -254,20 +254,22 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str],
     if "overlay" in figures:
         parts += ["<h2>Runs compared</h2>",
                   f"<figure><img alt='runs compared' src='{data_uri(figures['overlay'])}'></figure>"]
-    if figures["curves"]:
-        parts.append("<h2>Learning curves per run</h2><div class='curves'>")
-        for label, name, path in figures["curves"]:
-            parts.append(f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'>"
-                         f"<figcaption>{html.escape(label)}: {html.escape(name)}</figcaption></figure>")
-        parts.append("</div>")
-    if figures["unfinished"]:
-        parts.append("<h2>Unfinished runs (not in the table): learning curves so far</h2><div class='curves'>")
-        for name, progress, path in figures["unfinished"]:
-            parts.append(f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'>"
-                         f"<figcaption>{html.escape(name)}: {html.escape(progress)}</figcaption></figure>")
-        parts.append("</div>")
+    parts += curve_grid("Learning curves per run",
+                        [(name, f"{label}: {name}", path) for label, name, path in figures["curves"]])
+    parts += curve_grid("Unfinished runs (not in the table): learning curves so far",
+                        [(name, f"{name}: {progress}", path) for name, progress, path in figures["unfinished"]])
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def curve_grid(heading: str, figures: list[tuple[str, str, Path]]) -> list[str]:
+    """A heading and a grid of (name, caption, PNG) figures; nothing where there are none."""
+    if not figures:
+        return []
+    return [f"<h2>{html.escape(heading)}</h2><div class='curves'>",
+            *(f"<figure><img alt='{html.escape(name)}' src='{data_uri(path)}'>"
+              f"<figcaption>{html.escape(caption)}</figcaption></figure>" for name, caption, path in figures),
+            "</div>"]
 
 
 def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None) -> dict[str, Any]:
