@@ -135,8 +135,19 @@ def test_repeated_seeds_are_named_and_unreadable_files_are_one_line(tmp_path: Pa
     (tmp_path / "cut" / "d" / runs.METRICS).unlink()  # cut off before its first epoch ended
     assert main(["report", str(tmp_path / "cut"), "--out", str(tmp_path / "out2")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "nothing to report: 1 run(s) without summary.json and without a finished epoch" in err[0]
+    assert len(err) == 1 and "nothing to report: 1 run(s) without summary.json and without a readable finished " \
+        "epoch" in err[0]
     assert not (tmp_path / "out2").exists()
+    (tmp_path / "cut" / "d" / runs.METRICS).write_text("garbage")  # unreadable: no curve to draw either
+    assert main(["report", str(tmp_path / "cut"), "--out", str(tmp_path / "out2")]) == 2
+    assert "nothing to report" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+    config = runs.read_json(tmp_path / "runs" / "a" / runs.CONFIG)
+    del config["dataset"]  # not a kmnist run's configuration: one line, not a KeyError
+    runs.write_json(tmp_path / "runs" / "a" / runs.CONFIG, config)
+    assert main(["report", str(tmp_path / "runs" / "a"), "--out", str(tmp_path / "out3")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.json: not a kmnist run configuration (no dataset)" in err[0]
 
 
 def test_unfinished_runs_are_left_out_of_the_table_and_drawn_as_far_as_they_got(tmp_path: Path, capsys) -> None:

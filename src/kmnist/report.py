@@ -278,7 +278,7 @@ def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None
     unfinished = unfinished_histories(results)
     if not results.groups and not unfinished:
         raise KmnistError(f"nothing to report: {len(results.incomplete)} run(s) without summary.json and without "
-                          f"a finished epoch (cut off, running or failed): "
+                          f"a readable finished epoch (cut off, running or failed): "
                           f"{', '.join(run.name for run in results.incomplete)}")
     for run in (run for group in results.groups for run in group.runs):  # before any file is written
         if not runs.read_metrics(run.run_dir):

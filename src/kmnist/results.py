@@ -107,7 +107,11 @@ def read_runs(paths: Iterable[str | Path]) -> list[Run]:
         names = [str(d.resolve().relative_to(common)) for d in dirs]
     result = []
     for run_dir, name in zip(dirs, names):
-        result.append(Run(run_dir, name, _read_record(run_dir / runs.CONFIG),
+        config = _read_record(run_dir / runs.CONFIG)
+        missing = [key for key in ("model", "dataset") if not isinstance(config.get(key), str)]
+        if missing:  # e.g. a config.json of some other tool below the folder named
+            raise KmnistError(f"{run_dir / runs.CONFIG}: not a kmnist run configuration (no {' or '.join(missing)})")
+        result.append(Run(run_dir, name, config,
                           _read_record(run_dir / runs.SUMMARY, optional=True),
                           _read_record(run_dir / runs.ENVIRONMENT, optional=True)))
     return result
