@@ -317,7 +317,8 @@ def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_advice_can_be_pasted(data_di
     advice = err.strip().splitlines()[-1]
     assert "finished epochs are saved. Continue with: kmnist train --resume" in advice
     assert shlex.split(advice.split("Continue with: ")[1]) == ["kmnist", "train", "--resume", str(run_dir),
-                                                               "--data-dir", str(data_dir), "--skip-md5"]
+                                                               "--data-dir", str(data_dir), "--skip-md5",
+                                                               "--threads", "1"]
     assert 1 <= len(runs.read_metrics(run_dir)) < 30
 
 

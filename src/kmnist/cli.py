@@ -282,6 +282,22 @@ def same_model_args(model: str, model_args: dict[str, Any], saved: dict[str, Any
         return model_args == saved.get("model_args")
 
 
+def resume_command(args: argparse.Namespace, config: TrainConfig, run_dir: Path) -> str:
+    """The command that continues an interrupted run as it ran, to paste as printed: the same data files and the
+    same placement where it is not the default (e.g. --threads 1 of two runs side by side, which a resume would
+    not otherwise keep)."""
+    words = ["kmnist", "train", "--resume", str(run_dir)]
+    if args.data_dir:
+        words += ["--data-dir", str(args.data_dir)]
+    if args.skip_md5:
+        words.append("--skip-md5")
+    defaults = TrainConfig()
+    for name in PLACEMENT_FIELDS:
+        if getattr(config, name) != getattr(defaults, name):
+            words += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+    return shlex.join(words)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -328,12 +344,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         from kmnist import runs
 
-        # Where the data came from goes into the advice too: pasted as printed, it must find the same files.
-        again = f"kmnist train --resume {shlex.quote(str(run_dir))}"
-        if args.data_dir:
-            again += f" --data-dir {shlex.quote(str(args.data_dir))}"
-        if args.skip_md5:
-            again += " --skip-md5"
+        again = resume_command(args, config, run_dir)
         if (run_dir / runs.LAST).is_file():
             print(f"\ninterrupted; finished epochs are saved. Continue with: {again}", file=sys.stderr)
         elif (run_dir / runs.CONFIG).is_file():
