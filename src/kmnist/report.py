@@ -86,8 +86,8 @@ def table_rows(results: Results) -> list[dict[str, str]]:
     return rows
 
 
-def markdown(results: Results, unfinished: dict[str, list[dict[str, Any]]] | None = None) -> str:
-    """The table and its notes; `unfinished` (run name -> its epochs so far) says how far each unfinished run got."""
+def markdown(results: Results) -> str:
+    """The table and its notes, and the runs left out of it with how far each got."""
     if not results.groups:
         lines = ["No finished runs yet: nothing to tabulate.", ""]
     else:
@@ -102,15 +102,16 @@ def markdown(results: Results, unfinished: dict[str, list[dict[str, Any]]] | Non
         if group.repeated_seeds:
             lines.append(f"- {group.label}: {repeated_text(group)}.")
     if results.incomplete:
-        lines.append(f"- {incomplete_text(results, unfinished or {})}.")
+        lines.append(f"- {incomplete_text(results)}.")
     return "\n".join(lines) + "\n"
 
 
-def incomplete_text(results: Results, unfinished: dict[str, list[dict[str, Any]]]) -> str:
+def incomplete_text(results: Results) -> str:
     """The runs left out of the table, each with how far it got; those with epochs have curves in report.html."""
-    names = [f"{run.name} ({epochs_text(run, unfinished[run.name])})" if run.name in unfinished else run.name
+    progress = results.progress
+    names = [f"{run.name} ({epochs_text(run, progress[run.name])})" if run.name in progress else run.name
              for run in results.incomplete]
-    curves = "; those with a finished epoch are drawn in report.html, as far as they got" if unfinished else ""
+    curves = "; those with a finished epoch are drawn in report.html, as far as they got" if progress else ""
     return (f"Not in the table ({len(results.incomplete)} run(s) without summary.json: cut off, running or "
             f"failed{curves}): {', '.join(names)}")
 
@@ -118,20 +119,6 @@ def incomplete_text(results: Results, unfinished: dict[str, list[dict[str, Any]]
 def epochs_text(run: Run, history: list[dict[str, Any]]) -> str:
     total = run.config.get("epochs")
     return f"{history[-1]['epoch']} of {total} epochs" if total else f"{history[-1]['epoch']} epochs"
-
-
-def unfinished_histories(results: Results) -> dict[str, list[dict[str, Any]]]:
-    """The epochs so far of each unfinished run that has any (a run still going rewrites its metrics.csv
-    atomically, so it can be read at any moment); one whose table is missing or unreadable has none."""
-    histories = {}
-    for run in results.incomplete:
-        try:
-            history = runs.read_metrics(run.run_dir)
-        except (OSError, KmnistError):
-            continue
-        if history:
-            histories[run.name] = history
-    return histories
 
 
 def repeated_text(group: Group) -> str:
@@ -165,13 +152,12 @@ def file_stem(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
 
 
-def write_figures(results: Results, out: Path, vs: str | None,
-                  unfinished: dict[str, list[dict[str, Any]]] | None = None) -> dict[str, Any]:
+def write_figures(results: Results, out: Path, vs: str | None) -> dict[str, Any]:
     """Per-run learning curves (of unfinished runs too, as far as they got), the overlay, and accuracy against
     the one varying numeric setting."""
     figures: dict[str, Any] = {"curves": [], "unfinished": []}
     for run in results.incomplete:
-        history = (unfinished or {}).get(run.name)
+        history = results.progress.get(run.name)
         if history:
             path = plots.learning_curves(
                 history, out / CURVES / f"{file_stem(run.name)}.png",
@@ -216,8 +202,7 @@ def _inline_markdown(text: str) -> str:
     return re.sub(r"\*(.+?)\*", r"<em>\1</em>", text)
 
 
-def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str],
-              unfinished: dict[str, list[dict[str, Any]]] | None = None) -> str:
+def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str]) -> str:
     """One file holding the table and every figure (PNG as data URIs): nothing to fetch, nothing beside it."""
     columns = table_columns(results)
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -244,7 +229,7 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str],
     else:
         parts.append("<p>No finished runs yet: nothing to tabulate.</p>")
     if results.incomplete:
-        parts.append(f"<p>{html.escape(incomplete_text(results, unfinished or {}))}.</p>")
+        parts.append(f"<p>{html.escape(incomplete_text(results))}.</p>")
     if "versus" in figures:
         setting = html.escape(figures["versus_setting"])
         parts += [f"<h2>Accuracy against {setting}</h2>",
@@ -275,8 +260,7 @@ def curve_grid(heading: str, figures: list[tuple[str, str, Path]]) -> list[str]:
 def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None) -> dict[str, Any]:
     """Build every report file in `out` from the run directories below `paths`; returns what was written."""
     results = collect(paths)
-    unfinished = unfinished_histories(results)
-    if not results.groups and not unfinished:
+    if not results.groups and not results.progress:
         raise KmnistError(f"nothing to report: {len(results.incomplete)} run(s) without summary.json and without "
                           f"a readable finished epoch (cut off, running or failed): "
                           f"{', '.join(run.name for run in results.incomplete)}")
@@ -286,11 +270,11 @@ def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None
                               "finished")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(results, unfinished)
+    table = markdown(results)
     runs.atomic_write_text(out / MARKDOWN, table)
     runs.atomic_write_text(out / CSV, csv_text(results))
-    figures = write_figures(results, out, vs, unfinished)
-    runs.atomic_write_text(out / HTML, html_page(results, figures, [str(p) for p in paths], unfinished))
+    figures = write_figures(results, out, vs)
+    runs.atomic_write_text(out / HTML, html_page(results, figures, [str(p) for p in paths]))
     written = [out / MARKDOWN, out / CSV, out / HTML]
     written += [figures[name] for name in ("overlay", "versus") if name in figures]
     return {"out": str(out), "markdown": table, "html": str(out / HTML), "files": [str(p) for p in written],

@@ -64,6 +64,7 @@ class Group:
 class Results:
     groups: list[Group]
     incomplete: list[Run]  # run directories without summary.json (cut off, still running, or failed)
+    progress: dict[str, list[dict[str, Any]]]  # unfinished run name -> its epochs so far, for those with any
     varying: list[str]  # settings that differ between groups
     hardware: list[str]
 
@@ -197,7 +198,22 @@ def collect(paths: Iterable[str | Path]) -> Results:
     groups, varying = group_runs(all_runs)
     hardware = sorted({hardware_summary(env) for run in all_runs if run.complete and run.environment
                        for env in sessions(run.environment)})
-    return Results(groups, [run for run in all_runs if not run.complete], varying, hardware)
+    incomplete = [run for run in all_runs if not run.complete]
+    return Results(groups, incomplete, progress=unfinished_histories(incomplete), varying=varying, hardware=hardware)
+
+
+def unfinished_histories(incomplete: list[Run]) -> dict[str, list[dict[str, Any]]]:
+    """The epochs so far of each unfinished run that has any (a run still going rewrites its metrics.csv
+    atomically, so it can be read at any moment); one whose table is missing or unreadable has none."""
+    histories = {}
+    for run in incomplete:
+        try:
+            history = runs.read_metrics(run.run_dir)
+        except (OSError, KmnistError):
+            continue
+        if history:
+            histories[run.name] = history
+    return histories
 
 
 def sessions(environment: dict[str, Any]) -> list[dict[str, Any]]:
