@@ -240,3 +240,31 @@ def test_hardware_of_an_odd_environment_record_is_named_as_far_as_it_goes() -> N
 
     odd = {"cpu_features": 5, "torch_threads": 2, "resumed": [3, {"cpu": "Y", "cpu_features": ["avx2"]}]}
     assert [hardware_summary(env) for env in sessions(odd)] == ["unknown CPU, 2 threads", "Y (AVX2)"]
+
+
+def test_the_overlay_leaves_out_the_validation_panel_only_when_no_run_has_one(tmp_path: Path, monkeypatch) -> None:
+    import matplotlib.pyplot as plt
+
+    from kmnist import plots
+
+    nan = float("nan")
+    fixed = {"label": "fixed", "epoch": [1, 2], "val_acc": ([nan, nan], [0.0, 0.0]),
+             "test_acc": ([90.0, 91.0], [0.0, 0.0]), "train_loss": ([1.0, 0.5], [0.0, 0.0])}
+    chosen = {**fixed, "label": "chosen", "val_acc": ([89.0, 90.0], [0.0, 0.0])}
+    drawn = []
+    real_subplots = plt.subplots
+
+    def recording_subplots(*args, **kwargs):
+        figure, axes = real_subplots(*args, **kwargs)
+        drawn.append(figure)
+        return figure, axes
+
+    monkeypatch.setattr(plt, "subplots", recording_subplots)
+    plots.overlay_curves([fixed], tmp_path / "fixed.png")
+    plots.overlay_curves([fixed, chosen], tmp_path / "both.png")
+    titles = [[axis.get_title() for axis in figure.axes] for figure in drawn]
+    assert titles[0] == ["test accuracy (%)", "training loss (cross-entropy)"]  # no empty validation panel
+    assert titles[1][0] == "validation accuracy (%)" and len(titles[1]) == 3
+    legend_labels = [text.get_text() for text in drawn[1].legends[0].get_texts()]
+    assert legend_labels == ["fixed", "chosen"]  # the run without validation is named in the legend too
+    assert (tmp_path / "fixed.png").stat().st_size > 0

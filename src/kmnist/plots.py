@@ -143,9 +143,15 @@ def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = ""
 
     Each curve is {"label", "epoch": [...], metric: (means, stds)}; the band is ± one std over seeds.
     """
-    panels = (("val_acc", "validation accuracy (%)"), ("test_acc", "test accuracy (%)"),
-              ("train_loss", "training loss (cross-entropy)"))
-    figure, axes = plt.subplots(1, len(panels), figsize=(16, 4.8))
+    panels = [(metric, label) for metric, label in (("val_acc", "validation accuracy (%)"),
+                                                    ("test_acc", "test accuracy (%)"),
+                                                    ("train_loss", "training loss (cross-entropy)"))
+              if any(not np.all(np.isnan(np.asarray(curve[metric][0], dtype=np.float64))) for curve in curves)]
+    if not panels:  # nothing recorded at all: still one (empty) panel, so the figure is drawn
+        panels = [("train_loss", "training loss (cross-entropy)")]
+    # Runs without a validation split (--val-size 0) leave out the validation panel when none of them has one.
+    figure, axes = plt.subplots(1, len(panels), figsize=(16 * len(panels) / 3, 4.8), squeeze=False)
+    axes = axes[0]
     for curve in curves:
         for axis, (metric, _) in zip(axes, panels):
             means, stds = (np.asarray(values, dtype=np.float64) for values in curve[metric])
@@ -159,9 +165,7 @@ def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = ""
         axis.set(xlabel="epoch", title=label)
         _epoch_axis(axis, [epoch for curve in curves for epoch in curve["epoch"]])
         axis.grid(alpha=0.3)
-    handles, labels = axes[0].get_legend_handles_labels()
-    if not handles:
-        handles, labels = axes[-1].get_legend_handles_labels()
+    handles, labels = max((axis.get_legend_handles_labels() for axis in axes), key=lambda found: len(found[0]))
     if handles:
         figure.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8 if len(labels) > 8
                       else 9, bbox_to_anchor=(0.5, -0.02 - 0.045 * math.ceil(len(labels) / 4)))
