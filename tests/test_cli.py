@@ -82,7 +82,18 @@ def test_config_file_and_cli_override(data_dir: Path, tmp_path: Path, capsys) ->
     assert saved["epochs"] == 1 and saved["lr"] == 0.003 and saved["model_args"]["token_hidden"] == 32
 
 
-def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, tmp_path: Path, capsys) -> None:
+def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, tmp_path: Path, capsys,
+                                                               monkeypatch) -> None:
+    from kmnist import plots
+
+    titles = []
+    real_confusion_matrix = plots.confusion_matrix
+
+    def recording_confusion_matrix(*args, title="", **kwargs):
+        titles.append(title)
+        return real_confusion_matrix(*args, title=title, **kwargs)
+
+    monkeypatch.setattr(plots, "confusion_matrix", recording_confusion_matrix)
     run_dir = tmp_path / "run"
     args = [arg if arg != "100" else "0" for arg in SMALL]  # --val-size 0
     code, out, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(run_dir), *args],
@@ -94,6 +105,7 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_epoch"] is None and summary["selected_on"] is None
     assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == 2  # best.pt is the final epoch's model
+    assert titles == ["test, epoch 2 model (the final epoch: no validation split)"]  # not "chosen on validation"
 
 
 @pytest.mark.parametrize("args, fragment", [

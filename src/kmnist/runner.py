@@ -93,7 +93,7 @@ def finish_run(run_dir: Path, dataset: Dataset, history: list[dict[str, Any]], d
 
 
 def write_run_figures(run_dir: Path, dataset: Dataset, best_epoch: int) -> None:
-    """The run's PNGs, from its saved files and the epoch of the model chosen on validation."""
+    """The run's PNGs, from its saved files and the epoch of the model chosen on validation (or the last)."""
     run_dir = Path(run_dir)
     config = runs.read_json(run_dir / runs.CONFIG)
     history = runs.read_metrics(run_dir)
@@ -105,7 +105,8 @@ def write_run_figures(run_dir: Path, dataset: Dataset, best_epoch: int) -> None:
         labels = saved["labels"].astype(np.int64)
     predicted = probabilities.argmax(axis=1)
     confusion = confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(labels), dataset.num_classes)
+    chosen = "chosen on validation" if config.get("val_size") != 0 else "the final epoch: no validation split"
     plots.confusion_matrix(confusion.numpy(), dataset.class_names, run_dir / "confusion_matrix.png",
-                           title=f"test, epoch {best_epoch} model (chosen on validation)")
+                           title=f"test, epoch {best_epoch} model ({chosen})")
     plots.confident_mistakes(dataset.test.images.numpy(), labels, probabilities, dataset.class_names,
                              run_dir / "confident_mistakes.png")
