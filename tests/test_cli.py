@@ -105,7 +105,7 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["best_epoch"] is None and summary["selected_on"] is None
     assert torch.load(run_dir / "best.pt", weights_only=True)["epoch"] == 2  # best.pt is the final epoch's model
-    assert titles == ["test, epoch 2 model (the final epoch: no validation split)"]  # not "chosen on validation"
+    assert titles == ["test, epoch 2 model (final epoch, no validation)"]  # not "chosen on validation"
 
 
 @pytest.mark.parametrize("args, fragment", [

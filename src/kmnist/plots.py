@@ -87,7 +87,8 @@ def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: Pa
     figure.colorbar(image, ax=axis, label="% of true class")
     axis.set_xticks(range(size), class_names, fontsize=10 if size <= 10 else 6)
     axis.set_yticks(range(size), class_names, fontsize=10 if size <= 10 else 6)
-    axis.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    axis.set(xlabel="predicted", ylabel="true")
+    figure.suptitle(title or "confusion matrix")  # over the colorbar too: a long title does not run into it
     if size <= 12:
         for row in range(size):
             for column in range(size):

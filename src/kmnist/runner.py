@@ -105,7 +105,7 @@ def write_run_figures(run_dir: Path, dataset: Dataset, best_epoch: int) -> None:
         labels = saved["labels"].astype(np.int64)
     predicted = probabilities.argmax(axis=1)
     confusion = confusion_matrix(torch.from_numpy(predicted), torch.from_numpy(labels), dataset.num_classes)
-    chosen = "chosen on validation" if config.get("val_size") != 0 else "the final epoch: no validation split"
+    chosen = "chosen on validation" if config.get("val_size") != 0 else "final epoch, no validation"
     plots.confusion_matrix(confusion.numpy(), dataset.class_names, run_dir / "confusion_matrix.png",
                            title=f"test, epoch {best_epoch} model ({chosen})")
     plots.confident_mistakes(dataset.test.images.numpy(), labels, probabilities, dataset.class_names,
