@@ -433,3 +433,25 @@ def test_ensemble_gain_counts_what_members_get_wrong() -> None:
     assert gain["errors_shared_by_all_members"] == 1
     assert gain["gain_over_best_member_accuracy"] == 25.0 and gain["gain_over_member_mean_accuracy"] == 25.0
     assert gain["gain_over_best_member_balanced_accuracy"] == pytest.approx(100 / 6)  # 83.3 - 66.7
+
+
+def test_models_lists_every_model_and_preset_with_the_options_it_stands_for(capsys) -> None:
+    from kmnist.config import PRESETS, resolve_config
+    from kmnist.models import create_model, list_models
+
+    code, out, err = run_cli(["models", "--json"], capsys)
+    assert code == 0, err
+    listed = json.loads(out)
+    assert [model["name"] for model in listed["models"]] == list_models()
+    assert [preset["name"] for preset in listed["presets"]] == sorted(PRESETS)
+    for model in listed["models"]:
+        assert model["summary"] and "\n" not in model["summary"]
+        assert model["parameters"] == sum(p.numel() for p in create_model(model["name"]).parameters())
+    parser = cli.build_parser()
+    for preset in listed["presets"]:
+        # The printed options, given to `kmnist train` without the preset, configure the same training.
+        args = parser.parse_args(["train", *preset["options"]])
+        assert cli.config_from_args(args) == resolve_config(preset=preset["name"]), preset["name"]
+    assert next(p for p in listed["presets"] if p["name"] == "report-final")["options"] == []
+    code, out, err = run_cli(["models"], capsys)
+    assert code == 0 and "mixer-best: all-MLP, no convolution" in out and "1.24 M parameters" in out

@@ -77,7 +77,8 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     """One option per TrainConfig field, defaults shown; unset options leave the config untouched."""
     defaults = TrainConfig()
     group = parser.add_argument_group("training configuration (defaults: the report's final configuration)")
-    group.add_argument("--preset", choices=sorted(PRESETS), help="start from a named configuration")
+    group.add_argument("--preset", choices=sorted(PRESETS),
+                       help="start from a named configuration (`kmnist models` says what each is and sets)")
     group.add_argument("--config", metavar="FILE", help="TOML or YAML file of config fields; options here override it")
     for name, field in FIELDS.items():
         if name == "model_args":
@@ -642,11 +643,32 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from kmnist.models import list_models, model_defaults
+    from kmnist.config import PRESET_SUMMARIES, PRESETS, TrainConfig, preset_options
+    from kmnist.models import create_model, list_models, model_defaults, model_summary, parameter_count
 
-    for name in list_models():
-        arguments = ", ".join(f"{k}={v}" for k, v in model_defaults(name).items())
-        print(f"{name}: {arguments}")
+    def parameters(model: str, model_args: dict) -> int:  # at KMNIST's 10 classes
+        return parameter_count(create_model(model, num_classes=10, **model_args))
+
+    models = [{"name": name, "summary": model_summary(name), "arguments": model_defaults(name),
+               "parameters": parameters(name, {})} for name in list_models()]
+    presets = []
+    for name in sorted(PRESETS):
+        model = PRESETS[name].get("model", TrainConfig().model)
+        presets.append({"name": name, "summary": PRESET_SUMMARIES[name], "model": model, "options": preset_options(name),
+                        "parameters": parameters(model, PRESETS[name].get("model_args", {}))})
+    if args.json:
+        print(json.dumps({"models": models, "presets": presets}, indent=2))
+        return 0
+    print("models (kmnist train --model NAME --model-arg KEY=VALUE; parameters with 10 classes):")
+    for model in models:
+        arguments = ", ".join(f"{key}={value}" for key, value in model["arguments"].items())
+        print(f"  {model['name']}: {model['summary']}; {model['parameters'] / 1e6:.2f} M parameters\n"
+              f"      {arguments}")
+    print("\npresets (kmnist train --preset NAME; options given beside it override it):")
+    for preset in presets:
+        options = " ".join(preset["options"]) or "(the defaults)"
+        print(f"  {preset['name']}: {preset['summary']}; {preset['model']}, "
+              f"{preset['parameters'] / 1e6:.2f} M parameters\n      = {options}")
     return 0
 
 
@@ -827,9 +849,11 @@ def build_parser() -> Parser:
                              "(default: the only numeric setting that varies)")
     report.set_defaults(handler=cmd_report)
 
-    models = commands.add_parser("models", help="list registered models and their arguments",
-                                 description="Every registered model with its arguments and their defaults; set "
-                                             "them with `kmnist train --model NAME --model-arg KEY=VALUE`.")
+    models = commands.add_parser("models", help="list registered models and presets",
+                                 description="Every registered model with its arguments and their defaults (set "
+                                             "them with `kmnist train --model NAME --model-arg KEY=VALUE`) and "
+                                             "parameter count, and every preset with the options it stands for.")
+    models.add_argument("--json", action="store_true", help="print the lists as JSON")
     models.set_defaults(handler=cmd_models)
     return parser
 

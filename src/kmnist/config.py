@@ -186,6 +186,34 @@ PRESETS: dict[str, dict[str, Any]] = {
                    **MIXER_RECIPE},
 }
 
+# What each preset is for, in a line (`kmnist models`); results and times are in docs/results.md.
+PRESET_SUMMARIES: dict[str, str] = {
+    "report-final": "the report's final configuration, which is also the default: its Mixer, Adam, 20 epochs",
+    "report-row1": "the report's Table 4.1, row 1",
+    "report-row2": "the report's Table 4.1, row 2",
+    "report-row3": "the report's Table 4.1, row 3",
+    "quick-cnn": "a small CNN for one epoch: past the report's best in under 30 s on 2 CPU cores",
+    "cnn-fast-cpu": "the best CNN for about 15 minutes of training on 2 CPU cores (with bf16 units)",
+    "cnn-best": "a pre-activation ResNet-18 for 60 epochs: GPU-sized",
+    "mixer-best": "all-MLP, no convolution: the Mixer in two stages, the best such model here",
+    "mixer-flat": "all-MLP, no convolution: the one-stage Mixer with overlapping patches",
+}
+
+
+def preset_options(name: str) -> list[str]:
+    """The `kmnist train` options that a preset stands for (none for the defaults)."""
+    options: list[str] = []
+    for key, value in PRESETS[name].items():
+        if key == "model_args":
+            for argument, setting in value.items():
+                options += ["--model-arg", f"{argument}={setting}"]
+        elif isinstance(value, bool):
+            options.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+        else:
+            options += [f"--{key.replace('_', '-')}", str(value)]
+    return options
+
+
 # Settings that change where or how fast a run computes, not what: they may differ on resume.
 PLACEMENT_FIELDS = ("device", "threads", "eval_batch_size", "compile")
 

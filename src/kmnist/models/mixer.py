@@ -43,7 +43,10 @@ class ReportMixerBlock(nn.Module):
 
 @register_model("report-mixer")
 class ReportMixer(nn.Module):
-    """The report's classifier. Its open parts (residual, dropout, width) are arguments; see docs/model.md."""
+    """The report's MLP-Mixer-style classifier: 4x4 patches, a Linear + BatchNorm stem, two mixing blocks.
+
+    Its open parts (residual, dropout, width) are arguments; see docs/model.md.
+    """
 
     def __init__(self, num_classes: int = 10, patch: int = 4, channels: int = 16, token_hidden: int = 512,
                  channel_hidden: int = 512, blocks: int = 2, dropout: float = 0.0, residual: bool = True,

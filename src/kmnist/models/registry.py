@@ -30,6 +30,15 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
+def model_summary(name: str) -> str:
+    """What a model is: its docstring's first line, up to a colon."""
+    return (inspect.getdoc(_get(name)) or "").split("\n")[0].split(": ")[0].rstrip(".")
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())
+
+
 def model_defaults(name: str) -> dict[str, Any]:
     """A model's arguments and their defaults (num_classes excluded: it comes from the dataset)."""
     factory = _get(name)
