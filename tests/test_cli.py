@@ -307,6 +307,12 @@ def test_resume_from_cli_after_kill(data_dir: Path, tmp_path: Path) -> None:
 
     assert strip(runs.read_metrics(run_dir)) == strip(runs.read_metrics(tmp_path / "whole"))
     assert (run_dir / "summary.json").is_file() and (run_dir / "confusion_matrix.png").is_file()
+    # The same command once more: the run has ended, so nothing is trained, evaluated or rewritten.
+    written = {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()}
+    again = subprocess.run([*base, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "finished all 3 epochs already: nothing to resume" in again.stdout and "summary (" in again.stdout
+    assert {path.name: path.stat().st_mtime_ns for path in run_dir.iterdir()} == written
 
 
 def test_sigterm_stops_a_run_as_ctrl_c_does_and_the_advice_can_be_pasted(data_dir: Path, tmp_path: Path) -> None:

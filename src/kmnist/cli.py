@@ -302,6 +302,7 @@ def resume_command(args: argparse.Namespace, config: TrainConfig, run_dir: Path)
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from kmnist import runs
     from kmnist.data import is_balanced
     from kmnist.runner import prepare_run, train_run
 
@@ -313,6 +314,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                               "give one of them")
         check_resume_options(args, config, run_dir)
         config = prepare_run(config, run_dir, resume=True)  # the saved run (model, dataset, epochs, precision)
+        if (run_dir / runs.SUMMARY).is_file():  # written last: the run ended; the same command again changes nothing
+            summary = runs.read_json(run_dir / runs.SUMMARY)
+            print(f"{run_dir} finished all {config.epochs} epochs already: nothing to resume")
+            print_summary(summary, run_dir)
+            return 0
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
@@ -343,8 +349,6 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = train_run(config, run_dir, data_dir, resume=bool(args.resume), progress=progress,
                             on_epoch=on_epoch, check_md5=not args.skip_md5)
     except KeyboardInterrupt:
-        from kmnist import runs
-
         again = resume_command(args, config, run_dir)
         if (run_dir / runs.LAST).is_file():
             print(f"\ninterrupted; finished epochs are saved. Continue with: {again}", file=sys.stderr)
