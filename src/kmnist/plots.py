@@ -144,13 +144,14 @@ def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = ""
 
     Each curve is {"label", "epoch": [...], metric: (means, stds)}; the band is ± one std over seeds.
     """
+    # A panel only for what some run recorded: runs without a validation split (--val-size 0) have no
+    # validation panel unless another run has one.
     panels = [(metric, label) for metric, label in (("val_acc", "validation accuracy (%)"),
                                                     ("test_acc", "test accuracy (%)"),
                                                     ("train_loss", "training loss (cross-entropy)"))
               if any(not np.all(np.isnan(np.asarray(curve[metric][0], dtype=np.float64))) for curve in curves)]
     if not panels:  # nothing recorded at all: still one (empty) panel, so the figure is drawn
         panels = [("train_loss", "training loss (cross-entropy)")]
-    # Runs without a validation split (--val-size 0) leave out the validation panel when none of them has one.
     figure, axes = plt.subplots(1, len(panels), figsize=(16 * len(panels) / 3, 4.8), squeeze=False)
     axes = axes[0]
     for curve in curves:
