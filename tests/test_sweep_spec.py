@@ -143,7 +143,7 @@ def test_cli_errors_and_dry_run(tmp_path: Path, capsys, monkeypatch) -> None:
     # --grid given twice adds axes (it used to keep only the last); an axis given twice is refused.
     assert main(["sweep", "--grid", "lr=0.1,0.2", "--grid", "batch_size=64,128", "--dry-run", "--out",
                  str(tmp_path / "g")]) == 0
-    assert "grid sweep over lr, batch_size; seeds 0: 4 runs" in capsys.readouterr().out
+    assert "grid sweep over lr, batch_size; seed 0: 4 runs" in capsys.readouterr().out
     assert main(["sweep", "--grid", "lr=0.1,0.2", "--grid", "lr=0.3", "--dry-run", "--out", str(tmp_path / "g")]) == 2
     assert "sweep axis given twice: lr" in capsys.readouterr().err
     # A dry run checks its points as a real sweep does.

@@ -571,9 +571,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         plan = sweep.describe(spec)
         fixed = ", ".join(f"{k}={v}" for k, v in plan["config"].items())
-        print(f"{plan['method']} sweep over {', '.join(a['name'] for a in plan['axes'])}; seeds "
-              f"{', '.join(map(str, plan['seeds']))}: {plan['runs']} run{'' if plan['runs'] == 1 else 's'}")
-        print(f"  base: preset {plan['preset'] or '(defaults)'}" + (f"; {fixed}" if fixed else ""))
+        seeds = f"seed{'' if len(plan['seeds']) == 1 else 's'} {', '.join(map(str, plan['seeds']))}"
+        print(f"{plan['method']} sweep over {', '.join(a['name'] for a in plan['axes'])}; {seeds}: "
+              f"{plan['runs']} run{'' if plan['runs'] == 1 else 's'}")
+        base = f"preset {plan['preset']}" if plan["preset"] else "the defaults (the report's final configuration)"
+        print(f"  base: {base}" + (f"; {fixed}" if fixed else ""))
         for name in plan["trial_names"]:
             print(f"  {sweep.TRIALS}/{name}")
         return 0
@@ -658,7 +660,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     presets = []
     for name in sorted(PRESETS):
         model = PRESETS[name].get("model", TrainConfig().model)
-        presets.append({"name": name, "summary": PRESET_SUMMARIES[name], "model": model, "options": preset_options(name),
+        presets.append({"name": name, "summary": PRESET_SUMMARIES[name], "model": model,
+                        "options": preset_options(name),
                         "parameters": parameters(model, PRESETS[name].get("model_args", {}))})
     if args.json:
         print(json.dumps({"models": models, "presets": presets}, indent=2))
