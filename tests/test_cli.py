@@ -461,3 +461,15 @@ def test_models_lists_every_model_and_preset_with_the_options_it_stands_for(caps
     assert next(p for p in listed["presets"] if p["name"] == "report-final")["options"] == []
     code, out, err = run_cli(["models"], capsys)
     assert code == 0 and "mixer-best: all-MLP, no convolution" in out and "1.24 M parameters" in out
+
+
+def test_output_into_a_closed_pipe_ends_quietly() -> None:
+    """`kmnist models | head -3`: the reader goes away before the output is written; no traceback."""
+    import signal
+
+    process = subprocess.Popen([sys.executable, "-m", "kmnist", "models"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    process.stdout.close()  # the reader is gone before kmnist writes a line
+    err = process.stderr.read()
+    assert process.wait(timeout=120) == 128 + signal.SIGPIPE
+    assert err == ""

@@ -877,6 +877,15 @@ _python_show_warning = warnings.showwarning
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return run_command(argv)
+    except BrokenPipeError:  # the reader of the output went away (`kmnist models | head -3`): stop quietly
+        # Python flushes stdout once more at exit, which would fail on the closed pipe: point it elsewhere.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+
+
+def run_command(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
