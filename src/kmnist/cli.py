@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kmnist import __version__
-from kmnist.config import FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file, parse_scalar, resolve_config
+from kmnist.config import (FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file, option_flag, parse_scalar,
+                           resolve_config)
 from kmnist.errors import KmnistError, KmnistWarning
 
 EPOCH_COLUMNS = (("epoch", "{:>5}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"), ("val_loss", "{:>8.4f}"),
@@ -83,7 +84,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
     for name, field in FIELDS.items():
         if name == "model_args":
             continue
-        flag = "--" + name.replace("_", "-")
+        flag = option_flag(name)
         default = getattr(defaults, name)
         help_text = f"{field.metadata.get('help', '')} (default: {default})"
         if isinstance(default, bool):
@@ -268,7 +269,7 @@ def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir:
         changed.append("model_args")
     if changed:
         raise KmnistError(f"--resume continues {run_dir} with its saved configuration; these options differ from "
-                          f"it: {', '.join('--' + name.replace('_', '-') for name in changed)}")
+                          f"it: {', '.join(option_flag(name) for name in changed)}")
 
 
 def same_model_args(model: str, model_args: dict[str, Any], saved: dict[str, Any]) -> bool:
@@ -295,7 +296,7 @@ def resume_command(args: argparse.Namespace, config: TrainConfig, run_dir: Path)
     defaults = TrainConfig()
     for name in PLACEMENT_FIELDS:
         if getattr(config, name) != getattr(defaults, name):
-            words += ["--" + name.replace("_", "-"), str(getattr(config, name))]
+            words += [option_flag(name), str(getattr(config, name))]
     return shlex.join(words)
 
 

@@ -200,6 +200,11 @@ PRESET_SUMMARIES: dict[str, str] = {
 }
 
 
+def option_flag(field: str) -> str:
+    """The command-line option of a config field: batch_size -> --batch-size."""
+    return "--" + field.replace("_", "-")
+
+
 def preset_options(name: str) -> list[str]:
     """The `kmnist train` options that a preset stands for (none for the defaults)."""
     options: list[str] = []
@@ -208,9 +213,9 @@ def preset_options(name: str) -> list[str]:
             for argument, setting in value.items():
                 options += ["--model-arg", f"{argument}={setting}"]
         elif isinstance(value, bool):
-            options.append(f"--{'' if value else 'no-'}{key.replace('_', '-')}")
+            options.append(option_flag(key if value else f"no_{key}"))
         else:
-            options += [f"--{key.replace('_', '-')}", str(value)]
+            options += [option_flag(key), str(value)]
     return options
 
 

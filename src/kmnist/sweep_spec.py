@@ -16,7 +16,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
-from kmnist.config import FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, coerce, parse_scalar, resolve_config
+from kmnist.config import (FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, coerce, option_flag, parse_scalar,
+                           resolve_config)
 from kmnist.errors import KmnistError
 
 METHODS = ("grid", "random", "tpe")
@@ -135,7 +136,7 @@ def check_axis_name(name: str) -> None:
         raise KmnistError("seed is not an axis: use --seeds N (runs seeds --seed, --seed+1, ...)")
     if name in PLACEMENT_FIELDS:
         raise KmnistError(f"{name} says where a trial runs, not what it computes; set it for every worker with "
-                          f"--{name.replace('_', '-')}")
+                          f"{option_flag(name)}")
     if name == "model_args":
         raise KmnistError("sweep one model argument per axis: model_args.NAME=V1,V2 (e.g. model_args.patch=2,4,7,14)")
     if name.startswith(MODEL_ARG_PREFIX):
