@@ -111,12 +111,15 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_until_its_checkpoint_and_metrics_a
         save(payload, path)
 
     monkeypatch.setattr(kmnist.train, "atomic_torch_save", interrupted_save)
+    # A background job (`nohup make test &`) inherits SIGINT ignored, and then Ctrl-C cannot be simulated.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
         fit(TINY, tiny_dataset, tmp_path, progress=False)
     assert load_checkpoint(tmp_path / runs.LAST)["epoch"] == 1
     assert [row["epoch"] for row in runs.read_metrics(tmp_path)] == [1]
     assert signal.getsignal(signal.SIGINT) is handler
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_a_run_stopped_between_its_last_checkpoint_and_metrics_gets_every_row_on_resume(tiny_dataset,
