@@ -71,6 +71,46 @@ def test_train_then_evaluate(data_dir: Path, tmp_path: Path, capsys) -> None:
     assert_one_line_error(code, err, "already holds a run")
 
 
+def test_runs_started_in_the_same_second_get_folders_of_their_own(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                                   capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261202-065050")  # both start "at the same second"
+    made = []
+    for seed in ("1", "2"):
+        code, out, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--seed", seed, *SMALL,
+                                  "--epochs", "1"], capsys)
+        assert code == 0, err
+        made.append(Path(out.split("run directory ", 1)[1].split()[0]))
+    stamped = Path("runs/kmnist-report-mixer-20261202-065050")
+    assert made == [stamped, stamped.with_name(stamped.name + "-2")]
+    assert [runs.read_json(folder / runs.CONFIG)["seed"] for folder in made] == [1, 2]
+    # A folder named with --out that another run has claimed: its config.json written, no epoch ended yet.
+    claimed = tmp_path / "claimed"
+    claimed.mkdir()
+    (claimed / runs.CONFIG).write_bytes((made[0] / runs.CONFIG).read_bytes())
+    code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(claimed), *SMALL], capsys)
+    assert_one_line_error(code, err, "already holds a run; continue it with --resume")
+    assert sorted(p.name for p in claimed.iterdir()) == [runs.CONFIG]
+
+
+def test_a_run_folder_is_claimed_only_while_free(tmp_path: Path) -> None:
+    from kmnist.cli import claim_new_folder, remove_empty_folders
+    from kmnist.files import atomic_writer
+
+    first, created = claim_new_folder(tmp_path / "a" / "b" / "run")
+    second, _ = claim_new_folder(tmp_path / "a" / "b" / "run")
+    assert (first.name, second.name) == ("run", "run-2") and created == [tmp_path / "a", tmp_path / "a" / "b", first]
+    remove_empty_folders(created)  # b still holds run-2: only run itself goes
+    assert not first.exists() and second.is_dir()
+    # Two processes writing the same config.json: the second to finish finds the name taken and changes nothing.
+    target = tmp_path / "config.json"
+    with pytest.raises(FileExistsError):
+        with atomic_writer(target, "w", exclusive=True) as out:
+            out.write("mine")
+            target.write_text("theirs")  # the other process gets there first
+    assert target.read_text() == "theirs" and [p.name for p in tmp_path.iterdir() if p.is_file()] == ["config.json"]
+
+
 def test_config_file_and_cli_override(data_dir: Path, tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("epochs: 1\nlr: 0.002\nval_size: 50\nmodel_args:\n  token_hidden: 32\n  channel_hidden: 32\n")
@@ -146,6 +186,13 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["serve", "a.pt", "--max-upload-mb", "0"], "--max-upload-mb: must be a positive number"),
     (["export", "a.pt", "--onnx", "a.onnx", "--tolerance", "-1"], "--tolerance: must be 0 or more"),
     (["train", "--val-size", "999999"], "val_size must be between 0 and"),  # checked once the data is loaded
+    # One training image left would make no batch at all (a batch of one is dropped for BatchNorm).
+    (["train", "--val-size", "599"], "val_size must be between 0 and 598 (at least 2 training images left), got 599"),
+    (["train", "--optimizer", "sgd", "--momentum", "0"], "momentum must be in (0, 1), got 0.0"),
+    (["train", "--momentum", "5"], "momentum must be in (0, 1), got 5.0"),
+    (["train", "--threads", "100000000000"], "threads must be at most 4096"),
+    (["train", "--scale", "1"], "scale must be below 1"),  # a factor of 0 or less: a character shrunk away or turned
+    (["train", "--shear", "90"], "shear must be below 90 degrees"),
     (["sweep", "--grid", "lr=0.001,0.01", "--val-size", "999999", "--out", "sweeps/s"], "val_size must be between"),
     (["sweep", "--grid", "lr=0.001,0.01", "--teacher", "/no/such/teacher.pt", "--val-size", "100", "--out", "sweeps/s"],
      "checkpoint not found"),

@@ -64,6 +64,17 @@ def test_k49_train_reports_and_selects_on_balanced_accuracy(k49_dir: Path, tmp_p
     assert "test balanced acc at best val epoch" in (tmp_path / "report" / "results.md").read_text()
 
 
+def test_k49_without_a_validation_split_is_scored_by_balanced_accuracy(k49_dir: Path, tmp_path: Path, capsys) -> None:
+    code = main(["train", "--dataset", "k49", "--data-dir", str(k49_dir), "--skip-md5", "--out", str(tmp_path / "run"),
+                 *TINY, "--val-size", "0"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    summary = runs.read_json(tmp_path / "run" / runs.SUMMARY)
+    honest = [line for line in out.splitlines() if "<- the honest estimate" in line]
+    assert len(honest) == 1 and "final test balanced accuracy" in honest[0]
+    assert f"{summary['final_test_bal_acc']:.2f}%" in honest[0]
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_trains_on_k49(preset: str, k49_dir: Path, tmp_path: Path) -> None:
     """Each preset's model and recipe, cut to one short epoch on 49 imbalanced classes."""

@@ -12,7 +12,7 @@ from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import TrainConfig
 from kmnist.data import normalize
 from kmnist.errors import KmnistError, TrainingDiverged
-from kmnist.train import fit
+from kmnist.train import fit, lr_factor
 
 # fp32: these tests compare two computations of the same numbers closely, and "auto" would be bf16 autocast on
 # CPUs with AVX512-BF16 or AMX, where the two round differently.
@@ -179,6 +179,17 @@ def test_schedules_and_optimizers_train(tiny_dataset, scheduler: str, optimizer:
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     if scheduler in ("cosine", "onecycle"):
         assert history[-1]["lr"] < 1e-6  # annealed to zero at the end
+
+
+@pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
+@pytest.mark.parametrize("warmup_epochs", [0.001, 0.3, 1.0, 0.0])
+def test_the_warm_up_rises_to_the_peak_and_never_past_it(scheduler: str, warmup_epochs: float) -> None:
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 3, "scheduler": scheduler, "warmup_epochs": warmup_epochs})
+    steps_per_epoch = 7  # so that the fractional warm-ups end between two steps
+    factors = [lr_factor(config, step, 3 * steps_per_epoch, steps_per_epoch) for step in range(3 * steps_per_epoch)]
+    assert max(factors) == 1.0  # the peak lr is reached, and not exceeded (a warm-up shorter than a step was 2.1x)
+    peak = factors.index(1.0)
+    assert factors[:peak + 1] == sorted(factors[:peak + 1]) and factors[peak:] == sorted(factors[peak:], reverse=True)
 
 
 def test_no_validation_split(tiny_dataset, tmp_path: Path) -> None:

@@ -163,6 +163,30 @@ def check_output_folder(path_text: str | None, option: str) -> None:
     check_no_file_above(path, option)
 
 
+def claim_new_folder(path: Path) -> tuple[Path, list[Path]]:
+    """Create path, else path-2, path-3, ... (whichever is free first; mkdir is atomic, so processes started at
+    the same moment never share one). Returns it and the folders created, deepest last."""
+    created = [folder for folder in reversed(path.parents) if not folder.exists()]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder, number = path, 1
+    while True:
+        try:
+            folder.mkdir()
+            return folder, [*created, folder]
+        except FileExistsError:
+            number += 1
+            folder = path.with_name(f"{path.name}-{number}")
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove what claim_new_folder created, deepest first, as far as the folders are still empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:  # not empty (something else was written there), or gone
+            return
+
+
 def check_no_file_above(path: Path, option: str) -> None:
     """A file where one of path's folders should be names itself ("taken is a file"), not a bare "File exists"."""
     for folder in path.parents:
@@ -224,19 +248,23 @@ def format_header(columns: tuple = EPOCH_COLUMNS) -> str:
     return " ".join(f"{name.replace('_seconds', '_s'):>{len(fmt.format(0))}}" for name, fmt in columns)
 
 
-def print_summary(summary: dict[str, Any], run_dir: Path) -> None:
+def print_summary(summary: dict[str, Any], run_dir: Path, balanced: bool = False) -> None:
+    """The run's summary; `balanced`: the dataset is scored by balanced accuracy (K49), also where no validation
+    split chose the epoch."""
     def pct(value: Any) -> str:
         return "n/a" if value is None else f"{value:.2f}%"
 
     print(f"\nsummary ({run_dir}):")
     # Without a validation split nothing is chosen after training: the final epoch is the result.
-    fixed = "   <- the honest estimate (no validation split: the final epoch is the result)"
-    print(f"  final test accuracy          {pct(summary['final_test_acc'])}"
-          f"{fixed if summary.get('best_epoch') is None else ''}")
+    fixed = ("   <- the honest estimate (no validation split: the final epoch is the result)"
+             if summary.get("best_epoch") is None else "")
+    balanced = balanced or summary.get("selected_on") == "val_bal_acc"
+    print(f"  final test accuracy          {pct(summary['final_test_acc'])}{'' if balanced else fixed}")
     print(f"  final training loss          {summary['final_train_loss']:.4f}")
     print(f"  final training accuracy      {pct(summary['final_train_acc'])}")
+    if balanced:
+        print(f"  final test balanced accuracy {pct(summary['final_test_bal_acc'])}{fixed}")
     if summary.get("selected_on") == "val_bal_acc":  # imbalanced dataset: chosen and scored on balanced accuracy
-        print(f"  final test balanced accuracy {pct(summary['final_test_bal_acc'])}")
         print(f"  best validation balanced acc {pct(summary['best_val_bal_acc'])} (epoch {summary['best_epoch']}; "
               f"accuracy {pct(summary['best_val_acc'])})")
         print(f"  test balanced acc that epoch {pct(summary['test_bal_acc_at_best_val'])}   <- the honest estimate "
@@ -318,16 +346,20 @@ def cmd_train(args: argparse.Namespace) -> int:
         if (run_dir / runs.SUMMARY).is_file():  # written last: the run ended; the same command again changes nothing
             summary = runs.read_json(run_dir / runs.SUMMARY)
             print(f"{run_dir} finished all {config.epochs} epochs already: nothing to resume")
-            print_summary(summary, run_dir)
+            print_summary(summary, run_dir, balanced=is_balanced(config.dataset))
             return 0
     else:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
         check_output_folder(str(run_dir), "--out")
-        prepare_run(config, run_dir, resume=False)  # model, arguments, teacher, run folder: before the banner
+        # Model, arguments, teacher and the folder named by --out: before the banner.
+        prepare_run(config, run_dir if args.out else None, resume=False)
     check_device(config)
     data_dir = data_dir_from_args(args)
     progress = show_progress(args)
+    claimed: list[Path] = []
+    if not args.resume and not args.out:  # runs started in the same second get folders of their own
+        run_dir, claimed = claim_new_folder(run_dir)
     print(f"kmnist {__version__}: {'resuming' if args.resume else 'training'} {config.model} on {config.dataset}, "
           f"run directory {run_dir}", flush=True)
     columns = BALANCED_EPOCH_COLUMNS if is_balanced(config.dataset) else EPOCH_COLUMNS
@@ -349,7 +381,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         summary = train_run(config, run_dir, data_dir, resume=bool(args.resume), progress=progress,
                             on_epoch=on_epoch, check_md5=not args.skip_md5)
-    except KeyboardInterrupt:
+    except BaseException as error:
+        if not (run_dir / runs.CONFIG).exists():  # stopped before the run began: no empty folder left behind
+            remove_empty_folders(claimed)
+        if not isinstance(error, KeyboardInterrupt):
+            raise
         again = resume_command(args, config, run_dir)
         if (run_dir / runs.LAST).is_file():
             print(f"\ninterrupted; finished epochs are saved. Continue with: {again}", file=sys.stderr)
@@ -360,7 +396,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 128 + terminated[0] if terminated else 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print_summary(summary, run_dir)
+    print_summary(summary, run_dir, balanced=is_balanced(config.dataset))
     print(f"  files: {', '.join(sorted(p.name for p in run_dir.iterdir() if not p.name.startswith('.')))}")
     return 0
 

@@ -107,6 +107,16 @@ class TrainConfig:
                      "rotate", "scale", "shear", "elastic", "mixup", "cutmix"):
             if getattr(self, name) < 0:
                 raise KmnistError(f"{name} must not be negative, got {getattr(self, name)}")
+        if self.threads > MAX_THREADS:
+            raise KmnistError(f"threads must be at most {MAX_THREADS}, got {self.threads}")
+        if not 0 < self.momentum < 1:
+            raise KmnistError(f"momentum must be in (0, 1), got {self.momentum}")
+        # A factor of 1 +- scale at or past 0 would shrink a character to nothing or turn it over (a flip);
+        # a shear of 90 degrees or more would do the same through its tangent.
+        if self.scale >= 1:
+            raise KmnistError(f"scale must be below 1 (factors 1 - scale to 1 + scale), got {self.scale}")
+        if self.shear >= 90:
+            raise KmnistError(f"shear must be below 90 degrees, got {self.shear}")
         if not 0 <= self.label_smoothing < 1:
             raise KmnistError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.distill_weight <= 1:
@@ -130,6 +140,8 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+
+MAX_THREADS = 4096  # torch takes a C int; far more than any machine's cores
 
 # Random streams are seeded with (seed * 1_000_003 + epoch) * 8 + stream, which torch takes in 64 bits.
 SEED_LIMIT = 10**12

@@ -380,9 +380,10 @@ def read_dataset(spec: DatasetSpec, fmt: str, folder: Path, check_md5: bool = Tr
 
 
 def check_val_size(val_size: int, n: int) -> None:
-    """A validation split must leave training images: 0 (none held out) up to n - 1 of the n."""
-    if not 0 <= val_size < n:
-        raise DataError(f"val_size must be between 0 and {n - 1}, got {val_size}")
+    """A validation split must leave a batch to train on: 0 (none held out) up to n - 2 of the n (a batch of
+    one image is dropped, as BatchNorm cannot train on it)."""
+    if not 0 <= val_size <= n - 2:
+        raise DataError(f"val_size must be between 0 and {n - 2} (at least 2 training images left), got {val_size}")
 
 
 def split_validation(train: Split, val_size: int, seed: int) -> tuple[Split, Split]:

@@ -16,8 +16,11 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
-    """Open a temporary file beside `path`; on success it replaces `path`, on any error it is removed."""
+def atomic_writer(path: str | Path, mode: str = "wb", exclusive: bool = False) -> Iterator[IO]:
+    """Open a temporary file beside `path`; on success it replaces `path`, on any error it is removed.
+
+    exclusive: `path` must not exist yet; if it does (another process got there first), FileExistsError and
+    `path` is left as it is."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
@@ -28,7 +31,21 @@ def atomic_writer(path: str | Path, mode: str = "wb") -> Iterator[IO]:
             out.flush()
             os.fsync(out.fileno())
         os.chmod(temporary, 0o666 & ~_umask())
-        os.replace(temporary, path)
+        if exclusive:
+            _link_new(temporary, path)
+        else:
+            os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
+
+
+def _link_new(temporary: str, path: Path) -> None:
+    """Give the finished temporary file the name `path` only if that name is free, atomically."""
+    try:
+        os.link(temporary, path)  # fails with FileExistsError where the name is taken
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name, then fill it
+        os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        os.replace(temporary, path)

@@ -20,20 +20,28 @@ from kmnist.models import create_model
 from kmnist.runinfo import environment
 from kmnist.train import check_teacher, fit, select_device
 
-def prepare_run(config: TrainConfig, run_dir: Path, resume: bool) -> TrainConfig:
-    """Check the run directory (writing nothing); on resume, return the saved config instead."""
-    run_dir = Path(run_dir)
+def prepare_run(config: TrainConfig, run_dir: Path | None, resume: bool) -> TrainConfig:
+    """Check the run directory (writing nothing; None: a new folder, not chosen yet); on resume, return the
+    saved config instead."""
     create_model(config.model, **config.model_args)  # a bad model name or argument fails before any work
     if resume:
+        run_dir = Path(run_dir)  # a resumed run always names its folder
         if not (run_dir / runs.CONFIG).is_file():
             raise KmnistError(f"cannot resume: {run_dir} holds no {runs.CONFIG}")
         saved = config_from_dict(runs.read_json(run_dir / runs.CONFIG))
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in PLACEMENT_FIELDS})
-    elif (run_dir / runs.LAST).exists() or (run_dir / runs.METRICS).exists():
-        raise KmnistError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
+    elif run_dir is not None and any((Path(run_dir) / name).exists() for name in RUN_FILES):
+        raise already_holds_a_run(run_dir)
     if config.teacher:  # also on resume: a teacher moved away since is found missing before any work
         check_teacher(config)
     return config
+
+
+RUN_FILES = (runs.CONFIG, runs.LAST, runs.METRICS)  # any of them: the folder holds a run (begun, cut off or ended)
+
+
+def already_holds_a_run(run_dir: Path) -> KmnistError:
+    return KmnistError(f"{run_dir} already holds a run; continue it with --resume {run_dir} or choose another --out")
 
 
 def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, resume: bool = False,
@@ -47,7 +55,10 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
     check_val_size(config.val_size, len(dataset.train))  # this needs the dataset's size
     if not resume:  # only now: a user mistake found above (no data, a bad option) leaves no run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
-        runs.write_json(run_dir / runs.CONFIG, config.to_dict())
+        try:  # claimed only if free: a run started into the same folder meanwhile keeps it
+            runs.write_json(run_dir / runs.CONFIG, config.to_dict(), exclusive=True)
+        except FileExistsError:
+            raise already_holds_a_run(run_dir) from None
     if config.threads:  # before environment(), so environment.json records the threads the run uses
         torch.set_num_threads(config.threads)
     record_environment(run_dir, resumed=resume)

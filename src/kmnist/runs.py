@@ -26,8 +26,8 @@ METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "va
                   "test_bal_acc", "lr", "epoch_seconds", "eval_seconds", "compile_seconds")
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    with atomic_writer(path, "w") as out:
+def atomic_write_text(path: str | Path, text: str, exclusive: bool = False) -> None:
+    with atomic_writer(path, "w", exclusive=exclusive) as out:
         out.write(text)
 
 
@@ -61,8 +61,9 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n")
+def write_json(path: Path, data: Any, exclusive: bool = False) -> None:
+    """Write `data` as JSON, atomically; exclusive: only if `path` does not exist yet (else FileExistsError)."""
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=2, ensure_ascii=False) + "\n", exclusive)
 
 
 def read_json(path: Path) -> Any:

@@ -59,7 +59,7 @@ def lr_factor(config: TrainConfig, step: int, total_steps: int, steps_per_epoch:
     if config.scheduler == "onecycle" and warmup == 0:
         warmup = 0.25 * total_steps  # one-cycle: a quarter of the run warming up unless told otherwise
     if step < warmup:
-        return (step + 1) / warmup
+        return min(1.0, (step + 1) / warmup)  # a fractional warm-up ends at the peak, not past it
     progress = min(1.0, (step - warmup) / max(1.0, total_steps - warmup))
     if config.scheduler == "cosine":
         return 0.5 * (1 + math.cos(math.pi * progress))
