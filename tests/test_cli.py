@@ -111,6 +111,15 @@ def test_a_run_folder_is_claimed_only_while_free(tmp_path: Path) -> None:
     assert target.read_text() == "theirs" and [p.name for p in tmp_path.iterdir() if p.is_file()] == ["config.json"]
 
 
+def test_a_missing_optional_package_is_one_line(data_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "optuna", None)  # as if `pip install kmnist` without the sweep extra
+    code, _, err = run_cli(["sweep", "--grid", "lr=0.1,0.2", "--out", "sweeps/s", "--data-dir", str(data_dir),
+                            "--skip-md5"], capsys)
+    assert_one_line_error(code, err, "kmnist sweep: error: needs optuna, which is not installed",
+                          "pip install 'kmnist[sweep]'")
+
+
 def test_config_file_and_cli_override(data_dir: Path, tmp_path: Path, capsys) -> None:
     config = tmp_path / "c.yaml"
     config.write_text("epochs: 1\nlr: 0.002\nval_size: 50\nmodel_args:\n  token_hidden: 32\n  channel_hidden: 32\n")

@@ -137,6 +137,28 @@ def test_official_count_checked_with_md5_off_for_npz_shape(tmp_path: Path) -> No
     _expect_error(folder, "kmnist-test-imgs.npz", "not a readable .npz")
 
 
+def test_an_npz_name_on_a_bare_array_and_a_negative_label(tmp_path: Path) -> None:
+    folder = write_dataset(tmp_path, fmt="npz", train_count=60, test_count=20)
+    target = folder / "kmnist" / "kmnist-test-labels.npz"
+    _, labels = synthetic_arrays(20, 10, 1)
+    with open(target, "wb") as out:
+        np.save(out, labels)  # .npy content under the .npz name
+    _expect_error(folder, "kmnist-test-labels.npz", "a single .npy array, not an archive")
+    signed = labels.astype(np.int64)
+    signed[3] = -1
+    write_npz(target, signed)
+    _expect_error(folder, "kmnist-test-labels.npz", "label -1 out of range 0..9")  # the label that is wrong
+
+
+def test_the_class_map_must_name_every_class(data_dir: Path) -> None:
+    path = data_dir / "kmnist" / "kmnist_classmap.csv"
+    text = path.read_text(encoding="utf-8")
+    path.write_text("\ufeff" + text, encoding="utf-8")  # a byte-order mark, as some editors save CSV
+    assert load_dataset("kmnist", data_dir, check_md5=False, download=False).class_names[0] == "お"
+    path.write_text("\n".join(text.splitlines()[:6]) + "\n", encoding="utf-8")  # the header and 5 classes
+    _expect_error(data_dir, "kmnist_classmap.csv", "5 classes, kmnist has 10")
+
+
 def test_missing_files_offline_names_them(tmp_path: Path, offline: None) -> None:
     with pytest.raises(DataError) as caught:
         load_dataset("kmnist", tmp_path, progress=False)

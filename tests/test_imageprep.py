@@ -42,8 +42,19 @@ def test_inverted_rgb_rgba_and_padded_variants_give_the_same_image(character: np
     padded = np.zeros((90, 60), dtype=np.uint8)
     padded[7:35, 29:57] = character  # off-centre in a larger frame
     sixteen_bit = Image.fromarray(character.astype(np.uint16) * 257)  # a 16-bit greyscale PNG
-    for variant in (dark_on_light, dark_on_light.convert("RGB"), transparent, Image.fromarray(padded), sixteen_bit):
+    page = Image.new("RGBA", (34, 34), (0, 0, 0, 0))  # an opaque page (dark on light) with transparent margins
+    page.paste(dark_on_light.convert("RGBA"), (3, 3))
+    for variant in (dark_on_light, dark_on_light.convert("RGB"), transparent, Image.fromarray(padded), sixteen_bit,
+                    page):
         assert np.array_equal(prepare_bytes(encode(variant)), character), variant.mode
+
+
+def test_a_float_image_holding_nan_is_refused(character: np.ndarray) -> None:
+    values = character.astype(np.float32) / 255
+    values[0, 0] = np.nan
+    with pytest.raises(ImageError, match="not numbers") as caught:
+        prepare_bytes(encode(Image.fromarray(values, "F"), "TIFF"))
+    assert caught.value.kind == "not_an_image"
 
 
 @pytest.mark.parametrize("fmt, options", [("GIF", {}), ("BMP", {}), ("TIFF", {"compression": "tiff_lzw"}),

@@ -64,6 +64,18 @@ def test_groups_by_configuration_seed_aside(tmp_path: Path) -> None:
     assert "test-selected" in table and "cut" in table and "Test CPU, 2 threads" in table
 
 
+def test_a_run_saved_before_a_field_existed_has_its_default(tmp_path: Path) -> None:
+    make_run(tmp_path / "new", seed=0)
+    make_run(tmp_path / "old", seed=1)
+    saved = runs.read_json(tmp_path / "old" / runs.CONFIG)
+    for name in ("clean_epochs", "teacher", "distill_weight", "distill_temperature"):  # fields added later
+        del saved[name]
+    runs.write_json(tmp_path / "old" / runs.CONFIG, saved)
+    results = collect([tmp_path])
+    assert len(results.groups) == 1 and results.groups[0].seeds == [0, 1] and results.varying == []
+    assert results.groups[0].label == "report-final"  # still recognised as the report's preset
+
+
 def test_presets_are_named_and_compared_with_the_report(tmp_path: Path) -> None:
     make_run(tmp_path / "row1", preset="report-row1")
     make_run(tmp_path / "final", preset="report-final")
@@ -106,6 +118,7 @@ def test_report_errors(tmp_path: Path, capsys) -> None:
     make_run(tmp_path / "runs" / "b", lr=0.02)
     with pytest.raises(KmnistError, match="--vs batch_size: not a setting that varies"):
         write_report([tmp_path / "runs"], tmp_path / "out", vs="batch_size")
+    assert not (tmp_path / "out").exists()  # refused before any file was written
     assert main(["report", str(tmp_path / "runs"), str(tmp_path / "nowhere")]) == 2
     assert "--out DIR" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2

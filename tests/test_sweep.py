@@ -192,3 +192,24 @@ def test_best_setting_is_the_best_mean_over_seeds_not_the_luckiest_run() -> None
     best = best_setting(spec, ledger)
     assert best["point"] == "lr=0.002" and best["runs"] == 3
     assert best["value"] == pytest.approx(97.0) and best["summary"]["test_acc_at_best_val"] == pytest.approx(96.0)
+
+
+def test_a_point_that_failed_then_completed_is_complete(tmp_path: Path) -> None:
+    from optuna.distributions import CategoricalDistribution
+    from optuna.trial import TrialState, create_trial
+
+    from kmnist.sweep import read_ledger
+    from kmnist.sweep_spec import grid_points, trial_name
+
+    spec = build_spec(grid=["lr=0.1,0.2"], config={"epochs": 1})
+    first, second = (trial_name(spec, point) for point in grid_points(spec))
+    space = {"lr": CategoricalDistribution([0.1, 0.2]), "seed": CategoricalDistribution([0])}
+
+    def trial(state: TrialState, point: str, lr: float, **attrs) -> object:
+        return create_trial(state=state, value=90.0 if state == TrialState.COMPLETE else None,
+                            params={"lr": lr, "seed": 0}, distributions=space, user_attrs={"point": point, **attrs})
+
+    trials = [trial(TrialState.FAIL, first, 0.1, error="training diverged"),  # then --retry-failed:
+              trial(TrialState.COMPLETE, second, 0.2), trial(TrialState.COMPLETE, first, 0.1)]
+    ledger = read_ledger(spec, trials, SweepPlacement(out=tmp_path, data_dir=tmp_path))
+    assert set(ledger.complete) == {first, second} and not ledger.failed and not ledger.lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,7 @@ def test_axes_are_typed_like_their_fields() -> None:
     ({"random": ["lr=1e-4..1e-1"], "trials": 0}, "--trials must be at least 1, got 0"),
     ({"tpe": ["batch_size=64,128"], "trials": 3}, "only 2 points"),
     ({"grid": ["lr=0.1"], "trials": 3}, "--trials is for random/TPE"),
+    ({"grid": ["teacher=x/best.pt,x_best.pt"]}, "'x/best.pt' and 'x_best.pt' would share the run folder name"),
     ({}, "give exactly one of"),
     ({"grid": ["lr=0.1"], "random": ["lr=0.1"]}, "give exactly one of"),
     ({"definition": "no-such-sweep"}, "unknown sweep 'no-such-sweep'"),
@@ -112,6 +114,18 @@ def test_definition_file(tmp_path: Path) -> None:
     assert spec.name == "mine" and spec.method == "random" and spec.trials == 4 and spec.seeds == (0, 1)
     assert spec.config == {"epochs": 3}
     assert [axis.name for axis in spec.axes] == ["lr", "model_args.patch"]
+
+
+@pytest.mark.parametrize("line, fragment", [('trials = "5"', "--trials must be a whole number, got '5'"),
+                                            ("trials = 2.5", "--trials must be a whole number, got 2.5"),
+                                            ('preset = ["x"]', "unknown preset ['x']"),
+                                            ("config = 5", "config must be a table of field = value, got 5")])
+def test_definition_file_values_of_the_wrong_type(tmp_path: Path, line: str, fragment: str) -> None:
+    path = tmp_path / "mine.toml"
+    path.write_text(f'method = "random"\n{line}\n' + ("trials = 4\n" if "trials" not in line else "")
+                    + "[space]\nlr = { low = 1e-4, high = 1e-2, log = true }\n")
+    with pytest.raises(KmnistError, match=re.escape(fragment)):
+        build_spec(definition=str(path))
 
 
 def test_impossible_points_fail_before_any_work() -> None:

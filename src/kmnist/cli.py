@@ -922,6 +922,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 128 + signal.SIGPIPE
 
 
+# Top-level modules of the optional extras in pyproject.toml, and the extra that installs each.
+OPTIONAL_PACKAGES = {"optuna": "sweep", "fastapi": "serve", "fastapi_offline": "serve", "uvicorn": "serve",
+                     "multipart": "serve", "python_multipart": "serve", "onnx": "export", "onnxruntime": "export",
+                     "onnxscript": "export"}
+
+
 def run_command(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -942,6 +948,13 @@ def run_command(argv: Sequence[str] | None = None) -> int:
     except KmnistError as error:
         print(f"kmnist {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
+    except ModuleNotFoundError as error:  # an optional package this command needs is not installed
+        extra = OPTIONAL_PACKAGES.get((error.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"kmnist {args.command}: error: needs {error.name}, which is not installed: "
+              f"pip install 'kmnist[{extra}]' (make setup installs everything)", file=sys.stderr)
+        return 2
     except OSError as error:
         if error.filename is None:  # not about a path the user named: a fault worth its traceback
             raise

@@ -199,7 +199,10 @@ def read_idx(path: Path, expected_magic: int) -> np.ndarray:
 def read_npz(path: Path) -> np.ndarray:
     """Read the single array 'arr_0' from an official .npz file, never unpickling."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array under an .npz name
+            raise DataError(f"{path}: not a readable .npz file (a single .npy array, not an archive)")
+        with loaded as archive:
             if "arr_0" not in archive.files:
                 raise DataError(f"{path}: no array 'arr_0' inside (found {', '.join(archive.files) or 'none'})")
             return archive["arr_0"]
@@ -221,7 +224,8 @@ def check_arrays(images: np.ndarray, labels: np.ndarray, num_classes: int, image
     if expected_count is not None and len(labels) != expected_count:
         raise DataError(f"{labels_path}: {len(labels)} examples, the official release has {expected_count}")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise DataError(f"{labels_path}: label {int(labels.max())} out of range 0..{num_classes - 1}")
+        wrong = int(labels.min()) if labels.min() < 0 else int(labels.max())
+        raise DataError(f"{labels_path}: label {wrong} out of range 0..{num_classes - 1}")
 
 
 def read_split(images_path: Path, labels_path: Path, fmt: str, num_classes: int, expected_count: int | None) -> Split:
@@ -239,7 +243,7 @@ def read_classmap(path: Path | None, dataset: str) -> list[str]:
     if path is None:
         text = resources.files("kmnist").joinpath(f"{dataset}_classmap.csv").read_text(encoding="utf-8")
     else:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (as some editors save CSV) is not a column
     rows = list(csv.DictReader(io.StringIO(text)))
     try:
         return [row["char"] for row in sorted(rows, key=lambda row: int(row["index"]))]
@@ -367,6 +371,9 @@ def read_dataset(spec: DatasetSpec, fmt: str, folder: Path, check_md5: bool = Tr
     if not classmap_path.is_file():
         classmap_path = None  # fall back to the copy shipped with the package
     class_names = read_classmap(classmap_path, spec.name)
+    if len(class_names) != spec.num_classes:
+        raise DataError(f"{classmap_path or spec.classmap.name}: {len(class_names)} classes, {spec.name} has "
+                        f"{spec.num_classes}")
     # The official counts are checked only together with the official checksums.
     train = read_split(folder / train_images.name, folder / train_labels.name, fmt, spec.num_classes,
                        spec.train_count if check_md5 else None)

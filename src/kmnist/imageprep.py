@@ -86,6 +86,8 @@ def _shrink(image: Image.Image) -> Image.Image:
 def _greyscale(image: Image.Image) -> np.ndarray:
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):  # 16-bit or float greyscale
         values = np.asarray(image, dtype=np.float32)
+        if not np.isfinite(values).all():  # a float image may hold NaN or infinity: no level to read there
+            raise ImageError("pixel values that are not numbers (NaN or infinity)", "not_an_image")
         # Values all <= 255 in a 16-bit image: 8-bit data in a wider container (a true 16-bit image that
         # dark would be black to the eye), so read as 8-bit.
         scale = 1.0 if image.mode == "F" and values.max() <= 1 else 255.0 if values.max() <= 255 else 65535.0
@@ -96,8 +98,12 @@ def _greyscale(image: Image.Image) -> np.ndarray:
     grey, alpha = grey_alpha[..., 0], grey_alpha[..., 1]
     if alpha.min() == 1:
         return grey
-    ink_level = float((grey * alpha).sum() / alpha.sum()) if alpha.sum() > 0 else 0.0
-    background = 1.0 if ink_level < 0.5 else 0.0
+    opaque = alpha >= 0.5
+    if opaque.mean() >= 0.5:  # mostly opaque: a page (paper and ink) with transparent margins, filled with its paper
+        background = float(np.median(grey[opaque]))
+    else:  # mostly transparent: what shows is the ink, so the rest becomes whichever of white or black contrasts
+        ink_level = float((grey * alpha).sum() / alpha.sum()) if alpha.sum() > 0 else 0.0
+        background = 1.0 if ink_level < 0.5 else 0.0
     return grey * alpha + background * (1 - alpha)
 
 

@@ -268,6 +268,7 @@ def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None
         if not runs.read_metrics(run.run_dir):
             raise KmnistError(f"{run.run_dir / runs.METRICS} holds no epochs, yet its summary.json says the run "
                               "finished")
+    versus_field(results, vs)  # a bad --vs, too, is refused before any file is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     table = markdown(results)

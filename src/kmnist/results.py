@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kmnist import runs
-from kmnist.config import PLACEMENT_FIELDS, PRESETS, resolve_config
+from kmnist.config import PLACEMENT_FIELDS, PRESETS, TrainConfig, resolve_config
 from kmnist.errors import KmnistError
 
 IGNORED_FIELDS = ("seed", *PLACEMENT_FIELDS)  # runs that differ only in these are repeats of one configuration
@@ -121,10 +121,12 @@ def read_runs(paths: Iterable[str | Path]) -> list[Run]:
 def settings_of(config: dict[str, Any]) -> dict[str, Any]:
     """A config flattened (model_args.NAME), model arguments completed with the model's defaults, seed aside.
 
-    So `{}` and `{"patch": 4}` are the same setting when 4 is the model's default.
+    So `{}` and `{"patch": 4}` are the same setting when 4 is the model's default, and a run saved before a
+    field existed has that field's default, as for `config.same_experiment`.
     """
     from kmnist.models import resolve_model_args
 
+    config = {**TrainConfig().to_dict(), **config}  # a field saved before it existed counts as its default
     model_args = dict(config.get("model_args") or {})
     try:
         model_args = resolve_model_args(config["model"], model_args)

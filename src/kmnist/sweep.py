@@ -341,6 +341,9 @@ def read_ledger(spec: SweepSpec, trials: list[Any], placement: SweepPlacement) -
                 ledger.failed[key] = t
             else:
                 ledger.lost[key] = t
+    for key in ledger.complete:  # failed once, then run again with --retry-failed and completed: complete
+        ledger.failed.pop(key, None)
+        ledger.lost.pop(key, None)
     return ledger
 
 

@@ -88,15 +88,23 @@ class SweepSpec:
         else:
             if self.trials is None:
                 raise KmnistError(f"a {self.method} search needs --trials N (points to sample)")
+            if not isinstance(self.trials, int) or isinstance(self.trials, bool):
+                raise KmnistError(f"--trials must be a whole number, got {self.trials!r}")
             if self.trials < 1:
                 raise KmnistError(f"--trials must be at least 1, got {self.trials}")
             size = space_size(self.axes)
             if size is not None and self.trials > size:
                 raise KmnistError(f"--trials {self.trials} but the space holds only {size} points; use --grid")
-        if self.preset is not None and self.preset not in PRESETS:
+        if self.preset is not None and (not isinstance(self.preset, str) or self.preset not in PRESETS):
             raise KmnistError(f"unknown preset {self.preset!r}; known: {', '.join(sorted(PRESETS))}")
         for axis in self.axes:
             check_not_fixed(axis.name, self.config, self.preset)
+            folders: dict[str, Any] = {}
+            for value in () if axis.is_range else axis.values:  # each point's run folder is named by its values
+                folder = folder_safe(format_value(value))
+                if folders.setdefault(folder, value) != value:
+                    raise KmnistError(f"sweep axis {axis.name}: {folders[folder]!r} and {value!r} would share the run "
+                                      f"folder name {axis.name}={folder}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "method": self.method,
@@ -308,6 +316,8 @@ def build_spec(*, definition: str | None = None, grid: list[str] | None = None, 
         seeds = seeds if seeds is not None else file_seeds
         trials = trials if trials is not None else data.get("trials")
         preset = preset or data.get("preset")
+        if not isinstance(data.get("config") or {}, dict):
+            raise KmnistError(f"{source}: config must be a table of field = value, got {data['config']!r}")
         values.update(data.get("config") or {})
         description = data.get("description", "")
     else:
@@ -350,10 +360,15 @@ def format_value(value: Any) -> str:
     return str(value)
 
 
+def folder_safe(text: str) -> str:
+    """`text` with every character a folder name should not hold (slashes, spaces, quotes, ...) as `_`."""
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
+
+
 def trial_name(spec: SweepSpec, point: dict[str, Any]) -> str:
     """The run directory name of a point: readable and fixed by the point, e.g. `batch_size=64,lr=0.01,seed=0`."""
     parts = [f"{name}={format_value(point[name])}" for name in [*spec.swept_names, SEED]]
-    name = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", ",".join(parts))
+    name = folder_safe(",".join(parts))
     if len(name) > MAX_NAME_LENGTH:
         digest = hashlib.sha1(name.encode()).hexdigest()[:10]
         name = f"{name[:MAX_NAME_LENGTH - 11]}~{digest}"
