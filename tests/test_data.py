@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import http.client
 import shutil
 import struct
 import urllib.request
@@ -185,6 +186,18 @@ def test_download_verifies_md5_before_renaming(tmp_path: Path, monkeypatch: pyte
     data.fetch(spec, tmp_path, "idx", progress=False)
     dataset = load_dataset("kmnist", tmp_path, download=False)
     assert len(dataset.train) == 60000
+
+
+def test_a_download_cut_off_mid_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    class CutOff(FakeResponse):
+        def read(self, *args):
+            raise http.client.IncompleteRead(b"partial", 100)
+
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: CutOff(b""))
+    with pytest.raises(DataError, match="download from .* failed") as caught:
+        data.fetch(DATASETS["kmnist"], tmp_path, "idx", progress=False)
+    assert "\n" not in str(caught.value)
+    assert not list((tmp_path / "kmnist").glob("*")), "a failed download must leave nothing behind"
 
 
 def test_validation_split_is_stratified_and_fixed_by_seed() -> None:

@@ -158,3 +158,7 @@ def test_files(tmp_path: Path, character: np.ndarray) -> None:
     with pytest.raises(ImageError) as caught:
         read_image_file(path, Limits(max_bytes=10))
     assert caught.value.kind == "too_large"
+    if Path("/dev/zero").exists():  # a device reports a size of 0 and never ends: read no more than the limit
+        with pytest.raises(ImageError) as caught:
+            read_image_file("/dev/zero", Limits(max_bytes=1000))
+        assert caught.value.kind == "too_large"

@@ -75,6 +75,15 @@ def test_k49_without_a_validation_split_is_scored_by_balanced_accuracy(k49_dir: 
     assert f"{summary['final_test_bal_acc']:.2f}%" in honest[0]
 
 
+def test_both_corrections_of_the_imbalance_at_once_are_warned_of() -> None:
+    from kmnist.errors import KmnistWarning
+    from kmnist.runner import prepare_run
+
+    both = resolve_config(overrides={"dataset": "k49", "class_weighting": True, "balanced_sampling": True})
+    with pytest.warns(KmnistWarning, match="together a class weighs in inverse proportion to its size"):
+        prepare_run(both, None, resume=False)
+
+
 @pytest.mark.parametrize("preset", sorted(PRESETS))
 def test_every_preset_trains_on_k49(preset: str, k49_dir: Path, tmp_path: Path) -> None:
     """Each preset's model and recipe, cut to one short epoch on 49 imbalanced classes."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import http.client
 import io
 import os
 import shlex
@@ -296,6 +297,11 @@ def download_file(url: str, destination: Path, remote: RemoteFile, progress: boo
             raise DataError(f"{url}: downloaded file has md5 {digest.hexdigest()}, expected {remote.md5}; try again")
 
 
+# What a download can fail with: no network, an HTTP error status, a connection cut mid-file (IncompleteRead),
+# a disk that cannot take the file, a timeout.
+DOWNLOAD_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError)
+
+
 def fetch(spec: DatasetSpec, data_dir: Path, fmt: str | None = None, progress: bool = True) -> tuple[str, Path]:
     """Make sure one complete, verified set of files is present (downloading what is missing)."""
     found = locate(spec, data_dir)
@@ -309,7 +315,7 @@ def fetch(spec: DatasetSpec, data_dir: Path, fmt: str | None = None, progress: b
     for remote in missing:
         try:
             download_file(spec.url + remote.name, folder / remote.name, remote, progress)
-        except (urllib.error.URLError, OSError, TimeoutError) as error:
+        except DOWNLOAD_ERRORS as error:
             names = ", ".join(f.name for f in missing)
             reason = getattr(error, "reason", error)
             raise DataError(
@@ -332,7 +338,7 @@ def repair(spec: DatasetSpec, data_dir: Path, fmt: str, progress: bool = True) -
             continue
         try:
             download_file(spec.url + remote.name, path, remote, progress)
-        except (urllib.error.URLError, OSError, TimeoutError) as error:
+        except DOWNLOAD_ERRORS as error:
             reason = getattr(error, "reason", error)
             raise DataError(f"{path}: {problem}; downloading it again from {spec.url} failed ({reason}); "
                             "put the official file there") from None

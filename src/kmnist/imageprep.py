@@ -114,7 +114,10 @@ def read_image_file(path: str | Path, limits: Limits = Limits()) -> np.ndarray:
         size = path.stat().st_size
         if size > limits.max_bytes:
             raise ImageError(f"{size} bytes, over the limit of {limits.max_bytes}", "too_large")
-        data = path.read_bytes()
+        with open(path, "rb") as handle:  # at most one byte over the limit: a device file reports no size
+            data = handle.read(limits.max_bytes + 1)
+        if len(data) > limits.max_bytes:
+            raise ImageError(f"over the limit of {limits.max_bytes} bytes", "too_large")
     except FileNotFoundError:
         raise ImageError("no such file", "not_found") from None
     except IsADirectoryError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -13,7 +14,7 @@ from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict
 from kmnist.data import Dataset, check_val_size, is_balanced, load_dataset, selection_metric
-from kmnist.errors import KmnistError
+from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.files import atomic_writer
 from kmnist.metrics import confusion_matrix, predict_logits
 from kmnist.models import create_model
@@ -34,6 +35,10 @@ def prepare_run(config: TrainConfig, run_dir: Path | None, resume: bool) -> Trai
         raise already_holds_a_run(run_dir)
     if config.teacher:  # also on resume: a teacher moved away since is found missing before any work
         check_teacher(config)
+    if not resume and config.class_weighting and config.balanced_sampling:
+        warnings.warn("--class-weighting and --balanced-sampling each make up for the class imbalance on their "
+                      "own; together a class weighs in inverse proportion to its size, so rare classes outweigh "
+                      "common ones (one of the two is usually meant)", KmnistWarning)
     return config
 
 
