@@ -175,6 +175,9 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["train", "--model", "mixer", "--model-arg", "drop_path=5"], "drop_path is a rate"),
     (["train", "--model", "mixer", "--model-arg", "dropout=nan"], "dropout must be a finite number"),
     (["train", "--lr", "-1"], "lr must be positive"),
+    (["train", "--model", "mixer", "--model-arg", "patch=30", "--model-arg", "stride=2"], "must tile 28 pixels"),
+    (["train", "--preset", "quick-cnn", "--model-arg", "width=" + "1" * 20], "width must be a whole number of at most"),
+    (["train", "--model", "mixer", "--model-arg", "drop_path=1" + "0" * 400], "drop_path must be a finite number"),
     (["train", "--epochs", "3", "--clean-epochs", "4"], "clean_epochs must be between 0 and epochs (3), got 4"),
     (["train", "--device", "tpu"], "device must be one of"),
     (["train", "--model", "nope"], "unknown model"),
@@ -461,6 +464,41 @@ def test_bench_writes_json_and_markdown(data_dir: Path, tmp_path: Path, capsys) 
     assert "speed-up" in out
 
 
+def test_bench_of_a_full_recipe_without_a_validation_split(data_dir: Path, tmp_path: Path, capsys) -> None:
+    table = tmp_path / "benchmarks.md"
+    code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--repeats", "1", "--max-batches",
+                              "2", "--full", "--epochs", "2", "--val-size", "0", "--threads", "1", "--no-compare",
+                              "--json", str(tmp_path / "b.json"), "--markdown", str(table),
+                              "--model-arg", "token_hidden=32", "--out", str(tmp_path / "recipe")], capsys)
+    assert code == 0, err
+    final = json.loads((tmp_path / "b.json").read_text())["recipe"]["final_test_acc"]
+    assert f"{final:.2f}% (final epoch)" in out and f"{final:.2f}% (final epoch)" in table.read_text()
+    # A --markdown file a row cannot be added to is refused before any timing.
+    table.write_bytes(b"# Benchmarks \xe9t\xe9\n")
+    code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--markdown", str(table)], capsys)
+    assert_one_line_error(code, err, "not a UTF-8 text file")
+    assert "benchmarking" not in out
+
+
+def test_the_benchmark_label_names_what_was_timed() -> None:
+    from kmnist.cli import bench_label
+    from kmnist.config import resolve_config
+
+    assert bench_label(resolve_config(), None) == "report-mixer"
+    assert bench_label(resolve_config(file_values={"model_args": {"patch": 7}}), None) == "report-mixer patch=7"
+    widened = resolve_config(preset="cnn-fast-cpu", overrides={"model_args": {"width": 24}})
+    assert bench_label(widened, "cnn-fast-cpu") == "cnn-fast-cpu width=24"
+    other = resolve_config(preset="report-row1", overrides={"model": "resnet-small"})
+    assert bench_label(other, "report-row1") == "resnet-small (preset report-row1, model changed)"
+
+
+def test_the_benchmark_row_keeps_the_mark_of_uncommitted_code() -> None:
+    from kmnist.bench import short_revision
+
+    assert short_revision("87a4aaace72b5a6ec1f3e3d5e2a4ff0ad7d3f2b1-dirty") == "87a4aaace72b-dirty"
+    assert short_revision("87a4aaace72b5a6ec1f3e3d5e2a4ff0ad7d3f2b1") == "87a4aaace72b" and short_revision(None) == "-"
+
+
 def test_bench_with_compile_times_the_uncompiled_loop_beside_it(data_dir: Path, tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--repeats", "1",
                               "--max-batches", "2", "--val-size", "120", "--threads", "1", "--batch-size", "32",
@@ -473,7 +511,7 @@ def test_bench_with_compile_times_the_uncompiled_loop_beside_it(data_dir: Path, 
     assert result["compile"]["warm_up_seconds"] > 0 and result["compile"]["speedup_over_eager"] > 0
     assert "speed-up from compiling" in out
     row = (tmp_path / "b.md").read_text().splitlines()[-1]
-    assert re.search(r"\| resnet-small width=4 depth=0 \| auto \((fp32|bf16)\), compile default \|", row), row
+    assert re.search(r"\| resnet-small depth=0 width=4 \| auto \((fp32|bf16)\), compile default \|", row), row
 
 
 def test_time_left_is_the_mean_pace_times_the_epochs_to_go() -> None:

@@ -68,6 +68,34 @@ def test_checkpoint_loading_refuses_other_files(tmp_path: Path) -> None:
         load_checkpoint(cut)
 
 
+class _Shell:  # what an attacker's pickle would build: refused by the weights-only unpickler
+    def __reduce__(self):
+        import os
+        return (os.system, ("true",))
+
+
+def test_checkpoint_damaged_or_edited_inside_is_refused(tiny_dataset, tmp_path: Path) -> None:
+    import zipfile
+
+    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path, progress=False)
+    good = tmp_path / runs.BEST
+    damaged = tmp_path / "damaged.pt"  # a whole zip whose pickle is broken
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():
+            target.writestr(item, b"\x80\x02a." if item.filename.endswith("data.pkl") else source.read(item))
+    with pytest.raises(KmnistError, match="not a readable kmnist checkpoint"):
+        load_checkpoint(damaged)
+    payload = load_checkpoint(good)
+    for name, value in (("format_version", "2"), ("model_args", [1, 2]), ("state_dict", [1, 2]),
+                        ("num_classes", "10"), ("model", ["x"]), ("class_names", None)):
+        torch.save({**payload, name: value}, tmp_path / "edited.pt")
+        with pytest.raises(KmnistError, match=name):
+            load_checkpoint(tmp_path / "edited.pt")
+    torch.save({"format": payload["format"], "x": _Shell()}, tmp_path / "evil.pt")
+    with pytest.raises(KmnistError, match="(?i)unsupported global.*system"):  # what was refused, named
+        load_checkpoint(tmp_path / "evil.pt")
+
+
 def test_checkpoint_of_another_model_is_refused(tiny_dataset, tmp_path: Path) -> None:
     fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path, progress=False)
     payload = load_checkpoint(tmp_path / runs.BEST)

@@ -50,6 +50,11 @@ def make_checkpoint(model: nn.Module, *, model_name: str, model_args: dict[str, 
     return payload
 
 
+# What every reader of a checkpoint relies on, and its type.
+FIELD_TYPES = {"model": str, "model_args": dict, "num_classes": int, "state_dict": dict, "class_names": list,
+               "dataset": str, "normalization": dict, "config": dict}
+
+
 def load_checkpoint(path: str | Path) -> dict:
     """Read a checkpoint with torch.load(weights_only=True); anything else is a one-line error."""
     path = Path(path)
@@ -62,14 +67,23 @@ def load_checkpoint(path: str | Path) -> dict:
                           f"another kind of file, or cut short)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as error:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError,
+            KeyError, TypeError, AttributeError) as error:  # the weights-only unpickler on a damaged or foreign file
         lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
-        reason = next((line for line in lines if "Unsupported global" in line), lines[0])
+        # What the weights-only unpickler refused to build ("Unsupported global", "unsupported GLOBAL os.system").
+        reason = next((line for line in lines if "unsupported global" in line.lower()), lines[0])
         raise KmnistError(f"{path}: not a readable kmnist checkpoint ({reason[:200]})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise KmnistError(f"{path}: not a kmnist checkpoint (no '{FORMAT}' header)")
-    if payload.get("format_version", 0) > FORMAT_VERSION:
-        raise KmnistError(f"{path}: checkpoint format {payload['format_version']} is newer than this kmnist reads")
+    version = payload.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise KmnistError(f"{path}: a kmnist checkpoint whose format_version is not a number ({version!r})")
+    if version > FORMAT_VERSION:
+        raise KmnistError(f"{path}: checkpoint format {version} is newer than this kmnist reads")
+    for name, kind in FIELD_TYPES.items():
+        if not isinstance(payload.get(name), kind) or isinstance(payload.get(name), bool):
+            raise KmnistError(f"{path}: a kmnist checkpoint without a readable {name!r} (edited, or written by "
+                              "something else)")
     return payload
 
 

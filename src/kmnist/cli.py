@@ -437,7 +437,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     check_device(config)
     check_output_file(args.json, "--json")
     check_output_file(args.markdown, "--markdown")
-    name = " ".join([args.preset or config.model, *(args.model_arg or [])])  # what was timed, overrides included
+    if args.markdown:
+        markdown_text(Path(args.markdown))  # a file a row cannot be appended to is found before the timing
+    name = bench_label(config, args.preset)
     if args.full:  # its run folder, checked before the measurements rather than after them
         from kmnist.runner import prepare_run
 
@@ -475,7 +477,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if "recipe" in result:
         recipe = result["recipe"]
         rows += [("full recipe training time", f"{recipe['train_seconds']:.1f} s"),
-                 ("full recipe test acc (val-selected)", f"{recipe['test_acc_at_best_val']:.2f}%")]
+                 ("full recipe test accuracy", bench.recipe_accuracy(recipe))]
     width = max(len(label) for label, _ in rows)
     print(f"on {result['hardware']}:")
     for label, value in rows:
@@ -484,13 +486,35 @@ def cmd_bench(args: argparse.Namespace) -> int:
         runs.write_json(Path(args.json), result)
     if args.markdown:
         path = Path(args.markdown)
-        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        text = markdown_text(path)
         if bench.MARKDOWN_HEADER.splitlines()[0] not in text:
             text += ("\n" if text and not text.endswith("\n") else "") + bench.MARKDOWN_HEADER + "\n"
         runs.atomic_write_text(path, text + bench.markdown_row(result) + "\n")
         print(f"appended a row to {path}")
     return 0
 
+
+
+def bench_label(config: TrainConfig, preset: str | None) -> str:
+    """What `kmnist bench` timed: the preset (or model) and each model argument that differs from it."""
+    from kmnist.models import resolve_model_args
+
+    base = resolve_config(preset=preset) if preset else TrainConfig(model=config.model)
+    label = preset if preset and base.model == config.model else config.model
+    if preset and base.model != config.model:
+        label += f" (preset {preset}, model changed)"
+        base = TrainConfig(model=config.model)
+    changed = [f"{key}={value}" for key, value in sorted(config.model_args.items())
+               if base.model_args.get(key, resolve_model_args(config.model).get(key)) != value]
+    return " ".join([label, *changed])
+
+
+def markdown_text(path: Path) -> str:
+    """What a --markdown file holds so far (nothing where it does not exist yet)."""
+    try:
+        return path.read_text(encoding="utf-8") if path.exists() else ""
+    except UnicodeDecodeError:
+        raise KmnistError(f"--markdown {path}: not a UTF-8 text file, so no row can be added to it") from None
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

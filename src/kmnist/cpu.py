@@ -48,7 +48,7 @@ def cpu_flags() -> set[str]:
 def cpuinfo(field: str) -> str | None:
     """One field of /proc/cpuinfo ("model name", "flags", ...) for the first processor, or None."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:  # odd bytes: no crash
             for line in handle:
                 name, _, value = line.partition(":")
                 if name.strip() == field:

@@ -129,7 +129,7 @@ class Mixer(nn.Module):
                  token_hidden: int = 256, channel_hidden: int = 512, dropout: float = 0.0, drop_path: float = 0.1):
         super().__init__()
         stride = stride or patch
-        if patch < 1 or stride < 1 or (IMAGE_SIZE - patch) % stride:
+        if patch < 1 or stride < 1 or patch > IMAGE_SIZE or (IMAGE_SIZE - patch) % stride:
             raise ValueError(f"patch {patch} with stride {stride} must tile {IMAGE_SIZE} pixels exactly")
         self.patch, self.stride = patch, stride
         tokens = ((IMAGE_SIZE - patch) // stride + 1) ** 2

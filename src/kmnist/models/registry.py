@@ -48,6 +48,7 @@ def model_defaults(name: str) -> dict[str, Any]:
 
 # Integer arguments are sizes (at least 1) except these counts, where 0 means none (or, for stride, the patch).
 MAY_BE_ZERO = ("depth", "depth2", "blocks", "stride")
+LARGEST_INT = 2**31 - 1
 RATES = ("dropout", "drop_path")  # probabilities of dropping: 0 to below 1
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
@@ -82,14 +83,23 @@ def _checked(key: str, default: Any, value: Any) -> Any:
         minimum = 0 if key in MAY_BE_ZERO else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise KmnistError(f"model argument {key} must be a whole number of at least {minimum}, got {value!r}")
+        if value > LARGEST_INT:  # torch takes sizes as C integers
+            raise KmnistError(f"model argument {key} must be a whole number of at most {LARGEST_INT}, got {value}")
     elif isinstance(default, float):
         value = _parsed(key, value, float, "a number")
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(_as_float(value)):
             raise KmnistError(f"model argument {key} must be a finite number, got {value!r}")
         value = float(value)
         if key in RATES and not 0 <= value < 1:
             raise KmnistError(f"model argument {key} is a rate: at least 0 and below 1, got {value}")
     return value
+
+
+def _as_float(value: int | float) -> float:
+    try:
+        return float(value)
+    except OverflowError:  # an integer too large for a float
+        return math.inf
 
 
 def _parsed(key: str, value: Any, kind: type, what: str) -> Any:
