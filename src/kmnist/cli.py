@@ -504,9 +504,9 @@ def bench_label(config: TrainConfig, preset: str | None) -> str:
     if preset and base.model != config.model:
         label += f" (preset {preset}, model changed)"
         base = TrainConfig(model=config.model)
-    changed = [f"{key}={value}" for key, value in sorted(config.model_args.items())
-               if base.model_args.get(key, resolve_model_args(config.model).get(key)) != value]
-    return " ".join([label, *changed])
+    reference = resolve_model_args(base.model, base.model_args)
+    timed = resolve_model_args(config.model, config.model_args)
+    return " ".join([label, *(f"{key}={value}" for key, value in sorted(timed.items()) if reference[key] != value)])
 
 
 def markdown_text(path: Path) -> str:
