@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from kmnist.augment import AugmentSettings, augment, erase, mix, warp
@@ -144,3 +145,39 @@ def test_tta_views_are_every_shift_of_up_to_two_pixels_nearest_first() -> None:
     assert set(TTA_SHIFTS[:9]) == {(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)}  # --tta 9 as before
     distances = [dy * dy + dx * dx for dy, dx in TTA_SHIFTS]
     assert distances == sorted(distances)
+
+
+class _DominantClass(torch.nn.Module):
+    """Names the class of the brightest of ten marker pixels: the dominant class of a mixed image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images[:, 0, 0, :10] + 0 * self.unused
+
+
+def test_train_accuracy_of_mixed_batches_counts_each_label_by_its_weight(monkeypatch) -> None:
+    import kmnist.train
+    from kmnist.data import Dataset, Split, read_classmap
+
+    labels = torch.arange(640) % 10
+    images = torch.zeros(640, 28, 28, dtype=torch.uint8)
+    images[torch.arange(640), 0, labels] = 255  # one marker pixel per class
+    dataset = Dataset("kmnist", read_classmap(None, "kmnist"), Split(images, labels), Split(images[:50], labels[:50]))
+    batches = []
+    monkeypatch.setattr(kmnist.train, "mix", lambda *args: batches.append(mix(*args)) or batches[-1])
+    trainer = kmnist.train.Trainer(TrainConfig(val_size=0, batch_size=64, threads=1, precision="fp32", mixup=1.0),
+                                   dataset)
+    trainer.model = trainer.forward = _DominantClass()
+    trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
+    trainer.scheduler = None
+    _, accuracy = trainer.train_epoch(1, progress=False)
+    right = 0.0
+    for mixed, first, partners, lam in batches:
+        predicted = trainer.model(mixed).argmax(dim=1)
+        assert bool(((predicted == first) | (predicted == partners)).all())  # the dominant one of the two
+        right += lam * float((predicted == first).sum()) + (1 - lam) * float((predicted == partners).sum())
+    assert len(batches) == 10 and any(lam < 0.5 for *_, lam in batches)  # the first label is not always the one
+    assert accuracy == pytest.approx(right / 640 * 100, abs=1e-3)

@@ -281,3 +281,14 @@ def test_the_overlay_leaves_out_the_validation_panel_only_when_no_run_has_one(tm
     legend_labels = [text.get_text() for text in drawn[1].legends[0].get_texts()]
     assert legend_labels == ["fixed", "chosen"]  # the run without validation is named in the legend too
     assert (tmp_path / "fixed.png").stat().st_size > 0
+
+
+def test_k49_runs_without_a_validation_split_show_their_final_balanced_accuracy(tmp_path: Path) -> None:
+    for seed, balanced in ((0, 82.0), (1, 86.0)):
+        folder = make_run(tmp_path / f"s{seed}", dataset="k49", val_size=0, seed=seed)
+        summary = runs.read_json(folder / runs.SUMMARY)
+        runs.write_json(folder / runs.SUMMARY, {**summary, "final_test_bal_acc": balanced})
+    table = markdown(collect([tmp_path]))
+    header = [cell.strip() for cell in table.splitlines()[0].split("|")]
+    row = [cell.strip() for cell in table.splitlines()[2].split("|")]
+    assert row[header.index("final test balanced acc (%)")] == "84.00 ± 2.83"

@@ -206,7 +206,7 @@ def test_schedules_and_optimizers_train(tiny_dataset, scheduler: str, optimizer:
     history = fit(config, tiny_dataset, progress=False)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     if scheduler in ("cosine", "onecycle"):
-        assert history[-1]["lr"] < 1e-6  # annealed to zero at the end
+        assert history[-1]["lr"] < 0.1 * config.lr  # the last step's rate, annealed nearly to zero
 
 
 @pytest.mark.parametrize("scheduler", ["cosine", "onecycle"])
@@ -363,3 +363,20 @@ def test_summary_is_written_last_so_a_run_cut_off_in_its_figures_is_not_finished
     monkeypatch.setattr(plots, "confident_mistakes", drawn)
     train_run(config, run_dir, tmp_path, resume=True, progress=False, dataset=tiny_dataset)
     assert (run_dir / runs.SUMMARY).is_file() and (run_dir / "confident_mistakes.png").is_file()
+
+
+@pytest.mark.parametrize("scheduler", ["onecycle", "cosine", "plateau"])
+def test_the_lr_column_is_the_rate_of_each_epochs_last_step(tiny_dataset, scheduler: str) -> None:
+    from dataclasses import replace
+
+    from kmnist.train import batches_per_epoch
+
+    config = replace(TINY, scheduler=scheduler, warmup_epochs=1.0 if scheduler == "cosine" else 0.0)
+    history = fit(config, tiny_dataset, None, progress=False)
+    steps = batches_per_epoch(600 - config.val_size, config.batch_size)
+    for row in history:
+        expected = config.lr
+        if scheduler != "plateau":  # the per-step schedule, at the epoch's last step (not the next one's)
+            expected *= lr_factor(config, row["epoch"] * steps - 1, config.epochs * steps, steps)
+        assert row["lr"] == pytest.approx(expected, rel=1e-6)
+    assert history[-1]["lr"] > 0  # the last step of an annealed schedule still learns

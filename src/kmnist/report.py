@@ -36,10 +36,12 @@ NOTES = (
     "*Final test acc* (shown when some runs hold out no validation split): the test accuracy after the last "
     "epoch, the result of a fixed recipe where nothing is chosen after training.",
     "*Test balanced acc* (imbalanced datasets such as K49): mean of the per-class test accuracies of the epoch "
-    "with the best validation balanced accuracy, the dataset's official score; accuracy columns stand beside it.",
+    "with the best validation balanced accuracy, the dataset's official score; accuracy columns stand beside it. "
+    "*Final test balanced acc*: the same after the last epoch, for runs that hold out no validation split.",
 )
 BALANCED_COLUMN = "test balanced acc at best val epoch (%)"
 FINAL_COLUMN = "final test acc (%)"
+FINAL_BALANCED_COLUMN = "final test balanced acc (%)"
 
 
 def format_stat(stat: tuple[float, float | None], digits: int = 2) -> str:
@@ -57,6 +59,9 @@ def table_columns(results: Results) -> list[str]:
         columns.insert(columns.index("max test acc (%, test-selected)"), BALANCED_COLUMN)
     if any(not group.settings.get("val_size") for group in results.groups):  # nothing chosen: the last epoch counts
         columns.insert(columns.index("test acc at best val epoch (%)") + 1, FINAL_COLUMN)
+        if any(not group.settings.get("val_size") and is_balanced(group.settings.get("dataset", "kmnist"))
+               for group in results.groups):  # K49's official score of such a run
+            columns.insert(columns.index(FINAL_COLUMN) + 1, FINAL_BALANCED_COLUMN)
     if any(group.reported_max_test_acc is not None for group in results.groups):
         columns.append("report: max test acc (%)")
     return [*columns, "seconds"]
@@ -75,6 +80,7 @@ def table_rows(results: Results) -> list[dict[str, str]]:
                "max test acc (%, test-selected)": format_stat(group.stats["max_test_acc"]),
                BALANCED_COLUMN: format_stat(group.stats["test_bal_acc_at_best_val"]),
                FINAL_COLUMN: format_stat(group.stats["final_test_acc"]),
+               FINAL_BALANCED_COLUMN: format_stat(group.stats["final_test_bal_acc"]),
                "seconds": format_stat(group.stats["train_seconds"], digits=0)}
         for name in results.varying:
             if name not in TABLE_FIELDS:

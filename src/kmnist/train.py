@@ -264,7 +264,7 @@ class Trainer:
             loss_sum, correct = self.graphed.loss_sum.zero_(), self.graphed.correct.zero_()
         else:
             loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
+            correct = torch.zeros((), device=device)  # float: a mixed image counts for each label by its weight
         seen = 0
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=None if progress else True, unit="batch", dynamic_ncols=True)
@@ -306,7 +306,18 @@ class Trainer:
         self.optimizer.step()
         with torch.no_grad():
             loss_sum += loss.detach() * len(labels)
-            correct += (logits.argmax(dim=1) == labels).sum()
+            predictions = logits.argmax(dim=1)
+            if partners is None:
+                correct += (predictions == labels).sum()
+            else:  # as the loss does: right on the image's label counts lam, on its partner's 1 - lam
+                correct += lam * (predictions == labels).sum() + (1 - lam) * (predictions == partners).sum()
+
+    def last_step_lr(self) -> float:
+        """The learning rate the last optimiser step used (a per-step schedule has already moved on to the next)."""
+        scheduler = self.scheduler
+        if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and scheduler.last_epoch > 0:
+            return float(scheduler.base_lrs[0] * scheduler.lr_lambdas[0](scheduler.last_epoch - 1))
+        return float(self.optimizer.param_groups[0]["lr"])
 
     def _after_step(self) -> None:
         if isinstance(self.scheduler, torch.optim.lr_scheduler.LambdaLR):
@@ -481,7 +492,7 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         row = {
             "epoch": epoch, "train_loss": train_loss, "train_acc": train_acc, "val_loss": val_loss,
             "val_acc": val_acc, "val_bal_acc": val_bal_acc, "test_loss": test_loss, "test_acc": test_acc,
-            "test_bal_acc": test_bal_acc, "lr": float(trainer.optimizer.param_groups[0]["lr"]),
+            "test_bal_acc": test_bal_acc, "lr": trainer.last_step_lr(),
             "epoch_seconds": trained - started, "eval_seconds": time.perf_counter() - trained,
             "compile_seconds": compile_seconds if epoch == start else 0.0,
         }
