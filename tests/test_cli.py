@@ -478,6 +478,10 @@ def test_bench_of_a_full_recipe_without_a_validation_split(data_dir: Path, tmp_p
     code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--markdown", str(table)], capsys)
     assert_one_line_error(code, err, "not a UTF-8 text file")
     assert "benchmarking" not in out
+    # A run folder already used: bench has no --resume to offer.
+    code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--full", "--out",
+                              str(tmp_path / "recipe")], capsys)
+    assert_one_line_error(code, err, "already holds a run; choose another --out (bench --full trains a new one)")
 
 
 def test_the_benchmark_label_names_what_was_timed() -> None:
@@ -567,3 +571,67 @@ def test_output_into_a_closed_pipe_ends_quietly() -> None:
     err = process.stderr.read()
     assert process.wait(timeout=120) == 128 + signal.SIGPIPE
     assert err == ""
+
+
+def test_a_failed_write_names_the_file_it_was_writing(tmp_path: Path) -> None:
+    import errno
+
+    from kmnist.checkpoint import atomic_torch_save
+    from kmnist.files import atomic_writer
+
+    with pytest.raises(OSError) as caught:
+        with atomic_writer(tmp_path / "out.txt", "w") as out:
+            out.write("a")
+            raise OSError(errno.ENOSPC, "No space left on device")  # as a write to a full disk fails: no file named
+    assert caught.value.filename == str(tmp_path / "out.txt") and caught.value.errno == errno.ENOSPC
+
+    class FullDisk:  # torch.save wraps the file's OSError in a RuntimeError
+        def __getstate__(self):
+            raise RuntimeError("unexpected pos") from OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as caught:
+        atomic_torch_save({"x": FullDisk()}, tmp_path / "last.pt")
+    assert caught.value.filename == str(tmp_path / "last.pt") and caught.value.strerror == "No space left on device"
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
+def test_a_full_disk_is_one_line_and_the_run_can_be_resumed(data_dir: Path, tmp_path: Path) -> None:
+    import resource
+
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "kmnist", "train", "--data-dir", str(data_dir), "--skip-md5", "--epochs", "2",
+               "--val-size", "100", "--batch-size", "32", "--threads", "1", "--no-progress", "--out", str(run_dir)]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # noqa: E731  a checkpoint is more
+    full = subprocess.run(command, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert_one_line_error(full.returncode, full.stderr, "kmnist train: error:", str(run_dir), "File too large")
+    assert not [path.name for path in run_dir.iterdir() if path.name.endswith(".part")]
+    resumed = subprocess.run([*command[:-2], "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [row["epoch"] for row in runs.read_metrics(run_dir)] == [1, 2]
+
+
+def test_a_run_is_trained_by_one_process_at_a_time(data_dir: Path, tmp_path: Path, capsys) -> None:
+    run_dir = tmp_path / "run"
+    base = ["train", "--data-dir", str(data_dir), "--skip-md5", "--val-size", "100", "--threads", "1", "--no-progress"]
+    code, _, err = run_cli([*base, "--epochs", "2", "--out", str(run_dir)], capsys)
+    assert code == 0, err
+    summary = run_dir / runs.SUMMARY
+    summary.unlink()  # as if cut off after its last epoch
+    (run_dir / ".last.pt.x1y2.part").write_bytes(b"half a checkpoint of a process killed mid-write")
+    with runs.training_lock(run_dir):  # another process trains it now
+        code, _, err = run_cli([*base, "--resume", str(run_dir)], capsys)
+        assert_one_line_error(code, err, "is being trained by another process")
+    code, _, err = run_cli([*base, "--resume", str(run_dir)], capsys)
+    assert code == 0, err
+    assert summary.is_file() and not list(run_dir.glob(".*.part"))
+
+
+@pytest.mark.parametrize("content", ["[]", "null", '"x"'])
+def test_a_config_json_that_is_not_an_object_is_one_line(data_dir: Path, tmp_path: Path, capsys,
+                                                         content: str) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / runs.CONFIG).write_text(content)
+    for extra in ([], ["--epochs", "4"]):
+        code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--resume", str(tmp_path / "run"),
+                                *extra], capsys)
+        assert_one_line_error(code, err, "not a run record (a JSON object)")

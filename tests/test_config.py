@@ -38,3 +38,30 @@ def test_sweep_points_keep_the_presets_model_arguments() -> None:
     spec = build_spec(grid=["epochs=1"], preset="cnn-fast-cpu", config={"model_args": {"width": 16}})
     config = point_config(spec, {"epochs": 1, "seed": 0})
     assert config.model_args == {**PRESETS["cnn-fast-cpu"]["model_args"], "width": 16}
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-8-sig"])
+def test_config_files_and_sweep_definitions_in_other_encodings(tmp_path, encoding: str) -> None:
+    from kmnist.config import load_config_file
+    from kmnist.sweep_spec import load_definition
+
+    (tmp_path / "c.toml").write_text("epochs = 1\n", encoding=encoding)
+    (tmp_path / "s.toml").write_text("[grid]\nlr = [0.1, 0.2]\n", encoding=encoding)
+    if encoding == "utf-8-sig":  # a byte-order mark, as some editors write it: read as UTF-8
+        assert load_config_file(tmp_path / "c.toml") == {"epochs": 1}
+        assert load_definition(str(tmp_path / "s.toml"))[1] == {"grid": {"lr": [0.1, 0.2]}}
+        return
+    with pytest.raises(KmnistError, match="is not UTF-8 text .it looks like UTF-16.; save it as UTF-8"):
+        load_config_file(tmp_path / "c.toml")
+    with pytest.raises(KmnistError, match="is not UTF-8 text"):
+        load_definition(str(tmp_path / "s.toml"))
+
+
+def test_a_folder_or_a_missing_file_is_named_as_such(tmp_path) -> None:
+    from kmnist.config import load_config_file
+    from kmnist.sweep_spec import load_definition
+
+    with pytest.raises(KmnistError, match="is a folder"):
+        load_config_file(tmp_path)
+    with pytest.raises(KmnistError, match="sweep definition not found: .*nothing.toml"):
+        load_definition(str(tmp_path / "nothing.toml"))

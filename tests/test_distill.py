@@ -165,3 +165,23 @@ def test_a_resumed_run_whose_teacher_is_gone_fails_before_any_work(teacher_path:
     out, err = capsys.readouterr()
     assert code == 2 and "checkpoint not found" in err and "resuming" not in out  # before the banner
     assert (run_dir / runs.LAST).stat().st_mtime_ns == stamp
+
+
+def test_a_relative_teacher_path_is_saved_whole_and_found_on_resume_from_elsewhere(
+        teacher_path: Path, data_dir: Path, tmp_path: Path, capsys, monkeypatch) -> None:
+    from kmnist.cli import main
+
+    monkeypatch.chdir(teacher_path.parent)
+    run_dir = tmp_path / "run"
+    base = ["--data-dir", str(data_dir), "--skip-md5", "--val-size", "100", "--batch-size", "32", "--threads", "1",
+            "--no-progress"]
+    code = main(["train", "--teacher", teacher_path.name, *base, "--epochs", "2", "--out", str(run_dir)])
+    assert code == 0, capsys.readouterr().err
+    assert runs.read_json(run_dir / runs.CONFIG)["teacher"] == str(teacher_path)
+    (run_dir / runs.SUMMARY).unlink()  # as if cut off after its last epoch
+    code = main(["train", "--teacher", teacher_path.name, "--resume", str(run_dir), *base])  # the same command again
+    assert code == 0, capsys.readouterr().err
+    (run_dir / runs.SUMMARY).unlink()
+    monkeypatch.chdir(tmp_path)  # elsewhere: the saved path still finds the teacher
+    code = main(["train", "--resume", str(run_dir), *base])
+    assert code == 0, capsys.readouterr().err

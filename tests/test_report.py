@@ -292,3 +292,19 @@ def test_k49_runs_without_a_validation_split_show_their_final_balanced_accuracy(
     header = [cell.strip() for cell in table.splitlines()[0].split("|")]
     row = [cell.strip() for cell in table.splitlines()[2].split("|")]
     assert row[header.index("final test balanced acc (%)")] == "84.00 ± 2.83"
+
+
+def test_a_metrics_table_without_the_curves_columns_is_one_line(tmp_path: Path, capsys) -> None:
+    run_dir = make_run(tmp_path / "run")
+    (run_dir / runs.METRICS).write_text("epoch,train_loss\n1,0.5\n")
+    code = main(["report", str(run_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "no column train_acc, test_loss, test_acc" in err
+
+
+def test_a_summary_value_that_is_not_a_number_is_one_line(tmp_path: Path, capsys) -> None:
+    run_dir = make_run(tmp_path / "run")
+    runs.write_json(run_dir / runs.SUMMARY, {**runs.read_json(run_dir / runs.SUMMARY), "final_test_acc": "abc"})
+    code = main(["report", str(run_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "final_test_acc is not a number ('abc')" in err

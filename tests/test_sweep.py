@@ -213,3 +213,51 @@ def test_a_point_that_failed_then_completed_is_complete(tmp_path: Path) -> None:
               trial(TrialState.COMPLETE, second, 0.2), trial(TrialState.COMPLETE, first, 0.1)]
     ledger = read_ledger(spec, trials, SweepPlacement(out=tmp_path, data_dir=tmp_path))
     assert set(ledger.complete) == {first, second} and not ledger.failed and not ledger.lost
+
+
+def test_a_full_disk_stops_the_sweep_and_leaves_its_point_to_the_same_command(data_dir: Path, tmp_path: Path,
+                                                                              capsys, monkeypatch) -> None:
+    import errno
+
+    import kmnist.runner
+
+    out = tmp_path / "sweep"
+    command = ["sweep", "--grid", "lr=0.003,0.01", "--data-dir", str(data_dir), "--skip-md5", "--out", str(out),
+               *WITHOUT_EPOCHS, "--epochs", "1"]
+
+    def full_disk(config, run_dir, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(run_dir) / runs.LAST))
+
+    monkeypatch.setattr(kmnist.runner, "train_run", full_disk)
+    code, _, err = run_cli(command, capsys)
+    assert code != 0 and "Traceback" not in err
+    assert "last.pt: No space left on device; the sweep stopped, and the same command continues it" in err
+    monkeypatch.undo()
+    code, stdout, err = run_cli(command, capsys)  # space again: nothing was marked failed
+    assert code == 0, err
+    assert "2/2 runs complete" in stdout and "failed" not in stdout
+
+
+def test_a_sweep_database_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypatch) -> None:
+    import sqlite3
+
+    import optuna
+    from sqlalchemy.exc import OperationalError
+
+    from kmnist.errors import KmnistError
+    from kmnist.sweep import open_study
+
+    def read_only(**kwargs):
+        try:
+            try:
+                raise sqlite3.OperationalError("attempt to write a readonly database")
+            except sqlite3.OperationalError as error:
+                raise OperationalError("INSERT INTO studies", {}, error) from error
+        except OperationalError as error:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from error
+
+    monkeypatch.setattr(optuna, "create_study", read_only)
+    spec = build_spec(grid=["lr=0.1,0.2"])
+    placement = SweepPlacement(out=tmp_path, data_dir=tmp_path)
+    with pytest.raises(KmnistError, match="sweep storage sqlite:.*: attempt to write a readonly database; the same "):
+        open_study(spec, placement, storage=None)

@@ -380,3 +380,23 @@ def test_the_lr_column_is_the_rate_of_each_epochs_last_step(tiny_dataset, schedu
             expected *= lr_factor(config, row["epoch"] * steps - 1, config.epochs * steps, steps)
         assert row["lr"] == pytest.approx(expected, rel=1e-6)
     assert history[-1]["lr"] > 0  # the last step of an annealed schedule still learns
+
+
+def test_a_run_resumed_on_other_data_is_refused(tiny_dataset, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from kmnist.data import Split
+
+    def stop_after_first(row: dict) -> None:
+        if row["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(TINY, tiny_dataset, tmp_path, progress=False, on_epoch=stop_after_first)
+    brighter = replace(tiny_dataset, train=Split(tiny_dataset.train.images // 2 + 100, tiny_dataset.train.labels))
+    with pytest.raises(KmnistError, match="trained on other data files .training pixels: mean"):
+        fit(TINY, brighter, tmp_path, resume=True, progress=False)
+    fewer = replace(tiny_dataset, test=Split(tiny_dataset.test.images[:150], tiny_dataset.test.labels[:150]))
+    with pytest.raises(KmnistError, match="train/val/test images: 500/100/200; these: 500/100/150"):
+        fit(TINY, fewer, tmp_path, resume=True, progress=False)
+    assert [row["epoch"] for row in fit(TINY, tiny_dataset, tmp_path, resume=True, progress=False)] == [1, 2, 3]

@@ -209,7 +209,7 @@ def short_revision(revision: str | None) -> str:
 
 
 MARKDOWN_HEADER = (
-    "| date | config | precision | hardware | train s/epoch | per-sample s/epoch | speed-up | eval s (10k) "
+    "| date | config | precision | hardware | train s/epoch | per-sample s/epoch | speed-up | eval s (test split) "
     "| train img/s | infer img/s (batch 1) | infer img/s (batch 1024) | full recipe | runs | code |\n"
     "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from kmnist import __version__
 from kmnist.config import (FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file, option_flag, parse_scalar,
                            resolve_config)
 from kmnist.errors import KmnistError, KmnistWarning
+from kmnist.files import atomic_writer, machine_error
 
 EPOCH_COLUMNS = (("epoch", "{:>5}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"), ("val_loss", "{:>8.4f}"),
                  ("val_acc", "{:>7.2f}"), ("test_acc", "{:>8.2f}"), ("lr", "{:>8.1e}"), ("epoch_seconds", "{:>7.1f}"))
@@ -279,20 +281,28 @@ def print_summary(summary: dict[str, Any], run_dir: Path, balanced: bool = False
           + (f"; compiling before it {summary['compile_seconds']:.1f} s" if summary.get("compile_seconds") else ""))
 
 
+def same_file(given: str | None, saved: str | None) -> bool:
+    if not given or not saved:
+        return given == saved
+    return Path(given).expanduser().absolute() == Path(saved).expanduser().absolute()
+
+
 def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir: Path) -> None:
     """With --resume, options may repeat the saved configuration (the same command again) but not change it."""
     from kmnist import runs
 
     if not (run_dir / runs.CONFIG).is_file():
         raise KmnistError(f"cannot resume: {run_dir} holds no {runs.CONFIG}")
-    saved = runs.read_json(run_dir / runs.CONFIG)
+    saved = runs.read_record(run_dir / runs.CONFIG)
     given = [name for name in FIELDS if name not in PLACEMENT_FIELDS and name != "model_args"
              and getattr(args, name, None) is not None]
     if args.model_arg:
         given.append("model_args")
     if args.config or args.preset:  # these may set any field
         given = [name for name in FIELDS if name not in PLACEMENT_FIELDS]
-    changed = [name for name in given if name != "model_args" and getattr(config, name) != saved.get(name)]
+    changed = [name for name in given if name not in ("model_args", "teacher") and getattr(config, name) != saved.get(name)]
+    if "teacher" in given and not same_file(config.teacher, saved.get("teacher")):  # saved absolute, given relative
+        changed.append("teacher")
     if "model_args" in given and not same_model_args(config.model, config.model_args, saved):
         changed.append("model_args")
     if changed:
@@ -344,7 +354,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         check_resume_options(args, config, run_dir)
         config = prepare_run(config, run_dir, resume=True)  # the saved run (model, dataset, epochs, precision)
         if (run_dir / runs.SUMMARY).is_file():  # written last: the run ended; the same command again changes nothing
-            summary = runs.read_json(run_dir / runs.SUMMARY)
+            summary = runs.read_record(run_dir / runs.SUMMARY)
             print(f"{run_dir} finished all {config.epochs} epochs already: nothing to resume")
             print_summary(summary, run_dir, balanced=is_balanced(config.dataset))
             return 0
@@ -352,6 +362,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{stamp}")
         check_output_folder(str(run_dir), "--out")
+        if config.teacher:  # saved as an absolute path, so that --resume finds it from any folder
+            config = dataclasses.replace(config, teacher=str(Path(config.teacher).expanduser().absolute()))
         # Model, arguments, teacher and the folder named by --out: before the banner.
         prepare_run(config, run_dir if args.out else None, resume=False)
     check_device(config)
@@ -441,10 +453,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         markdown_text(Path(args.markdown))  # a file a row cannot be appended to is found before the timing
     name = bench_label(config, args.preset)
     if args.full:  # its run folder, checked before the measurements rather than after them
-        from kmnist.runner import prepare_run
+        from kmnist.runner import RUN_FILES, prepare_run
 
         run_dir = Path(args.out or f"runs/bench-{(args.preset or config.model)}-{time.strftime('%Y%m%d-%H%M%S')}")
         check_output_folder(str(run_dir), "--out")
+        if any((run_dir / name).exists() for name in RUN_FILES):  # bench has no --resume to suggest
+            raise KmnistError(f"{run_dir} already holds a run; choose another --out (bench --full trains a new one)")
         prepare_run(config, run_dir, resume=False)
     dataset = load_dataset(config.dataset, data_dir_from_args(args), check_md5=not args.skip_md5)
     print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "
@@ -541,7 +555,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         elif save_dir is not None:
             from PIL import Image
 
-            Image.fromarray(image).save(save_dir / f"{count:05d}-{Path(result['path']).stem}.png")
+            with atomic_writer(save_dir / f"{count:05d}-{Path(result['path']).stem}.png") as out:
+                Image.fromarray(image).save(out, format="PNG")
         if args.json:
             results.append(result)
         elif "top" in result:
@@ -665,6 +680,11 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print("\ninterrupted; finished trials are saved. Continue with the same command "
               f"(--out {shlex.quote(str(out))}).", file=sys.stderr)
         return 130
+    except Exception as error:  # the study's database refused a read or a write
+        failure = sweep.storage_failure(error, placement)
+        if failure is None:
+            raise
+        raise failure from None
     print(f"\nsweep {result['out']}: {result['complete']}/{result['total']} runs complete "
           f"({format_duration(result['seconds'])} this time)")
     if result["best"] is not None:
@@ -980,8 +1000,11 @@ def run_command(argv: Sequence[str] | None = None) -> int:
               f"pip install 'kmnist[{extra}]' (make setup installs everything)", file=sys.stderr)
         return 2
     except OSError as error:
-        if error.filename is None:  # not about a path the user named: a fault worth its traceback
-            raise
+        if error.filename is None:
+            if machine_error(error) is None:  # not about a path, nor the machine: a fault worth its traceback
+                raise
+            print(f"kmnist {args.command}: error: {error.strerror or error}", file=sys.stderr)
+            return 1
         # A path that cannot be written or read: --out naming a file, no permission, a full disk, ...
         path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
         print(f"kmnist {args.command}: error: {path}: {error.strerror or error}", file=sys.stderr)

@@ -47,7 +47,8 @@ class TrainConfig:
     lr: float = _field(1e-3, "learning rate; the peak for cosine/onecycle (report: 1e-3)")
     weight_decay: float = _field(5e-4, "adam/sgd: L2 added to the gradient; adamw: decoupled (report: 5e-4)")
     momentum: float = _field(0.9, "SGD momentum")
-    scheduler: str = _field("plateau", "plateau (on validation accuracy), cosine, onecycle or none (report: plateau)")
+    scheduler: str = _field("plateau", "plateau (on validation accuracy; on training accuracy with --val-size 0), "
+                                       "cosine, onecycle or none (report: plateau)")
     plateau_patience: int = _field(15, "epochs without validation improvement before the lr drops (report: 15)")
     plateau_factor: float = _field(0.1, "lr multiplier at each plateau drop")
     warmup_epochs: float = _field(0.0, "linear warm-up for cosine/onecycle, in epochs")
@@ -295,12 +296,23 @@ def parse_scalar(text: str, kind: type | None = None, name: str = "value") -> An
     return text
 
 
+def read_user_text(path: Path, what: str) -> str:
+    """A text file a person wrote: UTF-8, with or without the byte-order mark some editors put first."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        encoding = " (it looks like UTF-16)" if path.read_bytes()[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise KmnistError(f"{what} {path} is not UTF-8 text{encoding}; save it as UTF-8") from None
+
+
 def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or YAML file of config fields (and optionally `preset = "name"`)."""
     path = Path(path)
+    if path.is_dir():
+        raise KmnistError(f"config file {path} is a folder; name a .toml or .yaml file")
     if not path.is_file():
         raise KmnistError(f"config file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_user_text(path, "config file")
     try:
         if path.suffix.lower() == ".toml":
             data = tomllib.loads(text)

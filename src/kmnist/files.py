@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from contextlib import contextmanager
@@ -35,6 +36,12 @@ def atomic_writer(path: str | Path, mode: str = "wb", exclusive: bool = False) -
             _link_new(temporary, path)
         else:
             os.replace(temporary, path)
+    except (OSError, RuntimeError) as error:
+        cause = os_error_in(error)
+        if cause is None or cause.filename is not None:
+            raise
+        # A failed write names no file (and torch.save turns it into a RuntimeError): name the one being written.
+        raise OSError(cause.errno, cause.strerror or str(cause), str(path)) from error
     finally:
         if os.path.exists(temporary):
             os.unlink(temporary)
@@ -49,3 +56,27 @@ def _link_new(temporary: str, path: Path) -> None:
     except OSError:  # a file system without hard links: claim the name, then fill it
         os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
         os.replace(temporary, path)
+
+
+# Errors of the machine rather than of the request: a full disk or quota, a file-size limit, a read-only or
+# failing file system, no permission.
+MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO, errno.EACCES,
+                            errno.EPERM})
+
+
+def os_error_in(error: BaseException) -> OSError | None:
+    """The OSError with an errno that `error` is or was raised from (torch wraps failed writes in RuntimeError)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno is not None:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def machine_error(error: BaseException) -> OSError | None:
+    """The OSError behind `error` if the machine, not the code, is at fault (full disk, read-only, ...)."""
+    cause = os_error_in(error)
+    return cause if cause is not None and cause.errno in MACHINE_ERRNOS else None

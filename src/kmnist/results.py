@@ -94,10 +94,7 @@ def _read_record(path: Path, optional: bool = False) -> dict[str, Any] | None:
     """A run's JSON file (config, summary, environment), which holds one object; None if optional and absent."""
     if optional and not path.is_file():
         return None
-    record = runs.read_json(path)
-    if not isinstance(record, dict):
-        raise KmnistError(f"{path}: not a run record (a JSON object), but {type(record).__name__} {record!r:.40}")
-    return record
+    return runs.read_record(path)
 
 
 def read_runs(paths: Iterable[str | Path]) -> list[Run]:
@@ -112,9 +109,12 @@ def read_runs(paths: Iterable[str | Path]) -> list[Run]:
         missing = [key for key in ("model", "dataset") if not isinstance(config.get(key), str)]
         if missing:  # e.g. a config.json of some other tool below the folder named
             raise KmnistError(f"{run_dir / runs.CONFIG}: not a kmnist run configuration (no {' or '.join(missing)})")
-        result.append(Run(run_dir, name, config,
-                          _read_record(run_dir / runs.SUMMARY, optional=True),
-                          _read_record(run_dir / runs.ENVIRONMENT, optional=True)))
+        summary = _read_record(run_dir / runs.SUMMARY, optional=True)
+        for metric in METRICS if summary is not None else ():
+            value = summary.get(metric)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise KmnistError(f"{run_dir / runs.SUMMARY}: {metric} is not a number ({value!r:.40})")
+        result.append(Run(run_dir, name, config, summary, _read_record(run_dir / runs.ENVIRONMENT, optional=True)))
     return result
 
 

@@ -29,7 +29,7 @@ def prepare_run(config: TrainConfig, run_dir: Path | None, resume: bool) -> Trai
         run_dir = Path(run_dir)  # a resumed run always names its folder
         if not (run_dir / runs.CONFIG).is_file():
             raise KmnistError(f"cannot resume: {run_dir} holds no {runs.CONFIG}")
-        saved = config_from_dict(runs.read_json(run_dir / runs.CONFIG))
+        saved = config_from_dict(runs.read_record(run_dir / runs.CONFIG))
         config = dataclasses.replace(saved, **{name: getattr(config, name) for name in PLACEMENT_FIELDS})
     elif run_dir is not None and any((Path(run_dir) / name).exists() for name in RUN_FILES):
         raise already_holds_a_run(run_dir)
@@ -66,11 +66,12 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
             raise already_holds_a_run(run_dir) from None
     if config.threads:  # before environment(), so environment.json records the threads the run uses
         torch.set_num_threads(config.threads)
-    record_environment(run_dir, resumed=resume)
-    # A run cut off before its first epoch ended has no last.pt: it simply starts again.
-    history = fit(config, dataset, run_dir, resume=resume and (run_dir / runs.LAST).is_file(),
-                  progress=progress, on_epoch=on_epoch)
-    return finish_run(run_dir, dataset, history, device=config.device, precision=config.precision)
+    with runs.training_lock(run_dir):
+        record_environment(run_dir, resumed=resume)
+        # A run cut off before its first epoch ended has no last.pt: it simply starts again.
+        history = fit(config, dataset, run_dir, resume=resume and (run_dir / runs.LAST).is_file(),
+                      progress=progress, on_epoch=on_epoch)
+        return finish_run(run_dir, dataset, history, device=config.device, precision=config.precision)
 
 
 def record_environment(run_dir: Path, resumed: bool) -> None:
@@ -111,7 +112,7 @@ def finish_run(run_dir: Path, dataset: Dataset, history: list[dict[str, Any]], d
 def write_run_figures(run_dir: Path, dataset: Dataset, best_epoch: int) -> None:
     """The run's PNGs, from its saved files and the epoch of the model chosen on validation (or the last)."""
     run_dir = Path(run_dir)
-    config = runs.read_json(run_dir / runs.CONFIG)
+    config = runs.read_record(run_dir / runs.CONFIG)
     history = runs.read_metrics(run_dir)
     plots.learning_curves(history, run_dir / "learning_curves.png",
                           title=f"{config['model']} on {config['dataset']} ({run_dir.name})",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import math
 import signal
@@ -21,9 +22,13 @@ ENVIRONMENT = "environment.json"
 LAST = "last.pt"
 BEST = "best.pt"
 PREDICTIONS = "test_predictions.npz"
+LOCK = ".lock"  # held by the process that trains the run
 
 METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "test_loss", "test_acc",
                   "test_bal_acc", "lr", "epoch_seconds", "eval_seconds", "compile_seconds")
+# What every run's table has held (balanced accuracies and compile time came later, and runs without a
+# validation split once left its columns out): the learning curves need these.
+REQUIRED_METRIC_COLUMNS = ("epoch", "train_loss", "train_acc", "test_loss", "test_acc")
 
 
 def atomic_write_text(path: str | Path, text: str, exclusive: bool = False) -> None:
@@ -73,6 +78,31 @@ def read_json(path: Path) -> Any:
         raise KmnistError(f"{path}: not readable JSON ({getattr(error, 'msg', error)})") from None
 
 
+@contextmanager
+def training_lock(run_dir: Path) -> Iterator[None]:
+    """Hold <run>/.lock while this process trains the run: a second process on the same run is refused."""
+    handle = open(Path(run_dir) / LOCK, "a")
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise KmnistError(f"{run_dir} is being trained by another process; wait for it to end, or stop it "
+                              "and resume it") from None
+        for stale in Path(run_dir).glob(".*.part"):  # half-written files of a process killed mid-write
+            stale.unlink(missing_ok=True)
+        yield
+    finally:
+        handle.close()  # and with it the lock
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A JSON file that holds one object (a run's config, summary or environment; a sweep's record)."""
+    record = read_json(path)
+    if not isinstance(record, dict):
+        raise KmnistError(f"{path}: not a run record (a JSON object), but {type(record).__name__} {record!r:.40}")
+    return record
+
+
 def write_metrics(run_dir: Path, history: list[dict[str, Any]]) -> None:
     """metrics.csv, one row per finished epoch (rewritten whole, atomically, after each epoch)."""
     lines = [",".join(METRIC_COLUMNS)]
@@ -87,10 +117,15 @@ def read_metrics(run_dir: Path) -> list[dict[str, float]]:
     path = Path(run_dir) / METRICS
     try:
         with open(path, newline="", encoding="utf-8") as handle:
-            return [{k: (float(v) if v != "" else float("nan")) if k != "epoch" else int(v) for k, v in row.items()}
-                    for row in csv.DictReader(handle)]
+            reader = csv.DictReader(handle)
+            rows = [{k: (float(v) if v != "" else float("nan")) if k != "epoch" else int(v) for k, v in row.items()}
+                    for row in reader]
     except (ValueError, TypeError, UnicodeDecodeError) as error:  # a value that is not a number, a short row
         raise KmnistError(f"{path}: not a readable metrics table ({error})") from None
+    missing = [column for column in REQUIRED_METRIC_COLUMNS if reader.fieldnames and column not in reader.fieldnames]
+    if missing:  # an empty file is a run before its first epoch; a header without these is not a run's table
+        raise KmnistError(f"{path}: not a readable metrics table (no column {', '.join(missing)})")
+    return rows
 
 
 def summarize(history: list[dict[str, Any]], select_on: str = "val_acc") -> dict[str, Any]:

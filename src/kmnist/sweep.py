@@ -41,6 +41,7 @@ from kmnist import __version__, runs
 from kmnist.config import same_experiment
 from kmnist.data import selection_metric
 from kmnist.errors import KmnistError, KmnistWarning
+from kmnist.files import machine_error
 from kmnist.sweep_spec import (SEED, SweepSpec, check_points, corner_points, grid_points, planned_points,
                                format_value, point_config, search_space, trial_name)
 
@@ -49,6 +50,7 @@ DATABASE = "optuna.db"
 TRIALS = "trials"  # run directories, one per point: <out>/trials/<trial name>/
 LOCKS = ".locks"  # one lock file per point: held while a worker trains it
 WORKERS = ".workers"  # one lock file per live worker: free once the worker is gone
+STORAGE_LOCK = ".storage.lock"  # held while a process opens the study (its tables are created on first use)
 UNCLAIMED_SECONDS = 300  # a RUNNING trial that never named its worker this long after starting is dead
 POLL_SECONDS = 1.0  # how often idle workers and the progress display read the study
 SAMPLING_PATIENCE = 20  # consecutive re-sampled points after which a worker stops asking a search for more
@@ -170,11 +172,49 @@ def differences(saved: dict[str, Any], wanted: dict[str, Any]) -> str:
     return ", ".join(key for key in IDENTITY_KEYS if saved.get(key) != wanted.get(key)) or "?"
 
 
+def storage_failure(error: BaseException, placement: SweepPlacement) -> KmnistError | None:
+    """One line for a sweep database that could not be read or written (read-only, full disk, locked too
+    long), or None for any other error."""
+    try:
+        import optuna
+        from sqlalchemy.exc import SQLAlchemyError
+    except ImportError:  # no sweep ran, so no database refused anything
+        return None
+    if not isinstance(error, (optuna.exceptions.StorageInternalError, SQLAlchemyError)):
+        return None
+    innermost, seen = error, {id(error)}
+    while (innermost.__cause__ or innermost.__context__) is not None:
+        following = innermost.__cause__ or innermost.__context__
+        if id(following) in seen:
+            break
+        innermost = following
+        seen.add(id(innermost))
+    reason = (str(innermost).strip().splitlines() or [type(innermost).__name__])[0]
+    return KmnistError(f"sweep storage {redact(placement.storage_url)}: {reason[:200]}; the same command "
+                       "continues the sweep once it can be written")
+
+
+def connect(spec: SweepSpec, placement: SweepPlacement) -> tuple[Any, Any]:
+    """The storage and the study, opened one process at a time: two sweeps starting together on a new database
+    would both create its tables, and one would fail."""
+    path = Path(placement.out) / STORAGE_LOCK
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        storage = open_storage(placement.storage_url, placement.heartbeat_seconds)
+        return storage, open_study(spec, placement, storage)
+
+
 def open_study(spec: SweepSpec, placement: SweepPlacement, storage):
     import optuna
 
-    study = optuna.create_study(storage=storage, sampler=make_sampler(spec), study_name=placement.study_name,
-                                direction="maximize", load_if_exists=True)
+    try:
+        study = optuna.create_study(storage=storage, sampler=make_sampler(spec), study_name=placement.study_name,
+                                    direction="maximize", load_if_exists=True)
+    except Exception as error:
+        failure = storage_failure(error, placement)
+        if failure is None:
+            raise
+        raise failure from None
     saved, wanted = study.user_attrs.get("kmnist_sweep"), identity(spec)
     if saved is None:
         study.set_user_attr("kmnist_sweep", wanted)
@@ -189,7 +229,7 @@ def record_sweep(spec: SweepSpec, placement: SweepPlacement) -> None:
     path = Path(placement.out) / SWEEP_FILE
     wanted = identity(spec)
     if path.is_file():
-        saved = runs.read_json(path).get("spec", {})
+        saved = runs.read_record(path).get("spec", {})
         if {key: saved.get(key) for key in IDENTITY_KEYS} != wanted:
             raise KmnistError(f"{placement.out} holds a different sweep (it differs in {differences(saved, wanted)}); "
                               "continue it with the command that started it, or choose another --out")
@@ -358,11 +398,11 @@ class Worker:
         self.spec, self.placement = spec, placement
         self.out = Path(placement.out)
         self.identity = {"host": HOST, "pid": os.getpid(), "id": f"{HOST}-{os.getpid()}-{secrets.token_hex(4)}"}
-        self.storage = open_storage(placement.storage_url, placement.heartbeat_seconds)
-        self.study = open_study(spec, placement, self.storage)
+        self.storage, self.study = connect(spec, placement)
         self.datasets = dict(datasets or {})
         self.held: IO | None = None  # the point lock, held from the claim until Optuna has recorded the result
         self.ran = False  # whether the last trial asked for was this worker's to run
+        self.stopped_by: BaseException | None = None  # the machine's error that ended the last trial, if any
         self.run_dir: Path | None = None
         self.sampling_open = True
         self.resampled = 0
@@ -386,6 +426,7 @@ class Worker:
         import optuna
 
         self.ran = False
+        self.stopped_by = None
         try:
             self.study.optimize(self.objective, n_trials=1, catch=(Exception,), gc_after_trial=False)
         except (ValueError, optuna.exceptions.UpdateFinishedTrialError):
@@ -394,6 +435,13 @@ class Worker:
             if self.held is not None:
                 release(self.held)
                 self.held = None
+        if self.stopped_by is not None:  # a full disk, a read-only folder: every other point would fail too
+            failure = storage_failure(self.stopped_by, self.placement)
+            if failure is not None:
+                raise failure
+            cause = machine_error(self.stopped_by)
+            where = f"{cause.filename}: " if cause.filename else ""
+            raise KmnistError(f"{where}{cause.strerror or cause}; the sweep stopped, and the same command continues it")
         return self.ran
 
     # --- keeping the ledger whole ----------------------------------------------------------------
@@ -467,6 +515,9 @@ class Worker:
         except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             raise  # skipped, or failed by another worker as stale: the rerun resumes the run directory
         except Exception as error:  # the point ends with this error (unless --retry-failed in a later command)
+            if machine_error(error) is not None or storage_failure(error, self.placement) is not None:
+                self.stopped_by = error  # not the point's fault: left unfinished, for the same command to resume
+                raise
             message = (str(error).strip().splitlines() or [type(error).__name__])[0]
             trial.set_user_attr("error", f"{message[:500]}")
             if not isinstance(error, KmnistError):  # a bug: keep the whole traceback beside the run
@@ -554,12 +605,12 @@ class Worker:
 
         if (run_dir / runs.SUMMARY).is_file():
             trial.set_user_attr("recovered", True)  # it finished before its worker could record it
-            return runs.read_json(run_dir / runs.SUMMARY)
+            return runs.read_record(run_dir / runs.SUMMARY)
         config = point_config(self.spec, point, self.placement.config_placement())
         resume = (run_dir / runs.CONFIG).is_file()
         column = selection_metric(config.dataset)
         if resume:
-            if not same_experiment(runs.read_json(run_dir / runs.CONFIG), config.to_dict()):
+            if not same_experiment(runs.read_record(run_dir / runs.CONFIG), config.to_dict()):
                 raise KmnistError(f"{run_dir} holds a run of another configuration; move it away to rerun this point")
             trial.set_user_attr("resumed", True)
             if (run_dir / runs.METRICS).is_file():  # the trial's history shows every epoch, not only the new ones
@@ -601,6 +652,12 @@ def worker_process(spec_data: dict[str, Any], placement: SweepPlacement, parent:
     except KmnistError as error:
         print(f"kmnist sweep worker: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
+    except Exception as error:
+        failure = storage_failure(error, placement)
+        if failure is None:
+            raise
+        print(f"kmnist sweep worker: error: {failure}", file=sys.stderr)
+        sys.exit(failure.exit_code)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -674,8 +731,7 @@ class Monitor:
     def __init__(self, spec: SweepSpec, placement: SweepPlacement, progress: bool,
                  on_trial: Callable[[dict[str, Any]], None] | None):
         self.spec, self.placement, self.on_trial = spec, placement, on_trial
-        self.storage = open_storage(placement.storage_url, placement.heartbeat_seconds)
-        self.study = open_study(spec, placement, self.storage)
+        self.storage, self.study = connect(spec, placement)
         self.epochs: dict[str, int] = {}
         self.seen: set[str] | None = None
         self.started = time.time()

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kmnist.config import (FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, coerce, option_flag, parse_scalar,
-                           resolve_config)
+                           read_user_text, resolve_config)
 from kmnist.errors import KmnistError
 
 METHODS = ("grid", "random", "tpe")
@@ -250,9 +250,9 @@ def axis_from_file(name: str, value: Any, source: str) -> Axis:
 
 def check_not_fixed(name: str, config: dict[str, Any], preset: str | None) -> None:
     if name == PRESET_AXIS and preset is not None:
-        raise KmnistError(f"preset is both fixed (--preset {preset}) and swept; drop one")
+        raise KmnistError(f"preset is both fixed (preset {preset}, by --preset or a config file) and swept; drop one")
     if name.startswith(MODEL_ARG_PREFIX) and name[len(MODEL_ARG_PREFIX):] in (config.get("model_args") or {}):
-        raise KmnistError(f"{name} is both fixed (--model-arg) and swept; drop one")
+        raise KmnistError(f"{name} is both fixed (--model-arg or a config file) and swept; drop one")
     if name in config:
         raise KmnistError(f"{name} is both fixed ({name} = {config[name]!r}) and swept; drop one")
 
@@ -270,9 +270,11 @@ def load_definition(name_or_path: str) -> tuple[str, dict[str, Any]]:
     """A sweep definition by bundled name (`table41`) or path to a TOML file; returns (name, table)."""
     path = Path(name_or_path)
     if path.suffix == ".toml" and path.is_file():
-        text, name = path.read_text(encoding="utf-8"), path.stem
+        text, name = read_user_text(path, "sweep definition"), path.stem
     else:
         entry = resources.files("kmnist").joinpath("sweeps", f"{name_or_path}.toml")
+        if path.suffix == ".toml" and not entry.is_file():
+            raise KmnistError(f"sweep definition not found: {path}" + (" (a folder)" if path.is_dir() else ""))
         if not entry.is_file():
             raise KmnistError(f"unknown sweep {name_or_path!r}: not a .toml file, and the bundled sweeps are "
                               f"{', '.join(bundled_definitions())}")

@@ -430,11 +430,29 @@ class Trainer:
                 "model": ({k: v.detach().cpu() for k, v in self.model.state_dict().items()}
                           if self.average is not None else None),
                 "average_updates": self.average.updates if self.average is not None else 0,
+                "images": {"train": len(self.train), "val": len(self.val), "test": len(self.test)},
             }
         return make_checkpoint(
             self.eval_model, model_name=self.config.model, model_args=self.model_args, class_names=self.class_names,
             dataset=self.dataset_name, normalization=self.normalization, config=self.config.to_dict(),
             epoch=epoch, metrics=self.history[-1] if self.history else {}, training_state=training_state)
+
+    def check_same_data(self, path: Path, normalization: dict[str, float], images: dict[str, int] | None) -> None:
+        """A run resumed on other data files would end unlike the run it continues: refuse it."""
+        sizes = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
+        # The statistics are float32 sums over millions of pixels: other thread counts move their last digits.
+        same_pixels = all(math.isclose(float(normalization[key]), self.normalization[key], rel_tol=1e-5)
+                          for key in ("mean", "std"))
+        if images is not None and images != sizes:
+            count = lambda split: "/".join(str(split[key]) for key in ("train", "val", "test"))  # noqa: E731
+            detail = f"train/val/test images: {count(images)}; these: {count(sizes)}"
+        elif not same_pixels:
+            detail = (f"training pixels: mean {float(normalization['mean']):.5f}, std {float(normalization['std']):.5f}; "
+                      f"these: {self.normalization['mean']:.5f}, {self.normalization['std']:.5f}")
+        else:
+            return
+        raise KmnistError(f"{path} was trained on other data files ({detail}); resume it with the data it started on "
+                          "(its --data-dir)")
 
     def restore(self, path: Path) -> int:
         """Load a last.pt written by this configuration; returns the number of finished epochs."""
@@ -442,6 +460,7 @@ class Trainer:
         if not same_experiment(payload["config"], self.config.to_dict()) or "training_state" not in payload:
             raise KmnistError(f"{path} was written by a different configuration; cannot resume from it")
         state = payload["training_state"]
+        self.check_same_data(path, payload["normalization"], state.get("images"))
         self.model.load_state_dict(state["model"] if self.average is not None else payload["state_dict"])
         if self.average is not None:
             self.average.model.load_state_dict(payload["state_dict"])
