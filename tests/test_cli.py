@@ -494,6 +494,8 @@ def test_the_benchmark_label_names_what_was_timed() -> None:
     assert bench_label(widened, "cnn-fast-cpu") == "cnn-fast-cpu width=24"
     other = resolve_config(preset="report-row1", overrides={"model": "resnet-small"})
     assert bench_label(other, "report-row1") == "resnet-small (preset report-row1, model changed)"
+    k49 = resolve_config(preset="quick-cnn", overrides={"dataset": "k49", "batch_size": 64})
+    assert bench_label(k49, "quick-cnn") == "quick-cnn dataset=k49 batch_size=64"
 
 
 def test_the_benchmark_row_keeps_the_mark_of_uncommitted_code() -> None:
@@ -515,7 +517,8 @@ def test_bench_with_compile_times_the_uncompiled_loop_beside_it(data_dir: Path, 
     assert result["compile"]["warm_up_seconds"] > 0 and result["compile"]["speedup_over_eager"] > 0
     assert "speed-up from compiling" in out
     row = (tmp_path / "b.md").read_text().splitlines()[-1]
-    assert re.search(r"\| resnet-small depth=0 width=4 \| auto \((fp32|bf16)\), compile default \|", row), row
+    assert re.search(r"\| resnet-small depth=0 width=4 batch_size=32 \| auto \((fp32|bf16)\), compile default \|", row), row
+    assert "| 1 (2 batches of " in row and ", scaled) |" in row  # --max-batches: epochs cut short, then scaled
 
 
 def test_time_left_is_the_mean_pace_times_the_epochs_to_go() -> None:
@@ -635,3 +638,16 @@ def test_a_config_json_that_is_not_an_object_is_one_line(data_dir: Path, tmp_pat
         code, _, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--resume", str(tmp_path / "run"),
                                 *extra], capsys)
         assert_one_line_error(code, err, "not a run record (a JSON object)")
+
+
+def test_the_benchmark_row_names_a_per_sample_side_in_bf16() -> None:
+    from kmnist.bench import markdown_row
+
+    result = {"date": "2026-12-02", "name": "report-mixer", "precision": "auto", "bf16": True, "hardware": "CPU",
+              "median_epoch_seconds": {"tensor": 9.0, "per-sample": 20.0}, "speedup": 20 / 9,
+              "baseline_precision": "bf16", "eval_seconds": 0.5, "train_images_per_second": 6111,
+              "infer_images_per_second_batch1": 800, "infer_images_per_second_batch1024": 25000, "repeats": 3,
+              "batches_timed_per_epoch": 430, "batches_per_epoch": 430, "git_revision": None}
+    row = markdown_row(result)
+    assert "| auto (bf16); per-sample in bf16 |" in row and "| 3 | - |" in row
+    assert "per-sample in" not in markdown_row({**result, "baseline_precision": "fp32"})

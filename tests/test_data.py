@@ -6,6 +6,7 @@ import gzip
 import http.client
 import shutil
 import struct
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torch
 from conftest import FakeResponse, copy_real, synthetic_arrays, write_dataset, write_idx, write_npz
 from kmnist import data
 from kmnist.data import DATASETS, Split, load_dataset, split_validation
-from kmnist.errors import DataError
+from kmnist.errors import DataError, KmnistWarning
 
 IDX = [f.name for f in DATASETS["kmnist"].formats["idx"]]
 
@@ -188,13 +189,36 @@ def test_download_verifies_md5_before_renaming(tmp_path: Path, monkeypatch: pyte
     assert len(dataset.train) == 60000
 
 
+def test_a_failed_download_names_its_file_and_only_the_files_still_missing(tmp_path: Path, real_data_dir: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = DATASETS["kmnist"]
+    served = {spec.url + f.name: (real_data_dir / "kmnist" / f.name).read_bytes()
+              for f in (*spec.formats["idx"], spec.classmap)}
+
+    def serve(url, timeout=None):
+        if url in failing:
+            raise urllib.error.URLError("connection reset by peer")
+        return FakeResponse(served[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", serve)
+    failing = {spec.url + "t10k-labels-idx1-ubyte.gz"}
+    with pytest.raises(DataError) as caught:
+        data.fetch(spec, tmp_path, "idx", progress=False)
+    assert str(caught.value).startswith("kmnist files missing: t10k-labels-idx1-ubyte.gz, kmnist_classmap.csv; "
+                                        "download of t10k-labels-idx1-ubyte.gz from ")
+    failing = {spec.url + spec.classmap.name}  # the package holds the class map: a warning, and the data loads
+    with pytest.warns(KmnistWarning, match="kmnist_classmap.csv: download from .* failed"):
+        data.fetch(spec, tmp_path, "idx", progress=False)
+    assert load_dataset("kmnist", tmp_path, download=False).class_names[0] == "お"
+
+
 def test_a_download_cut_off_mid_file_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     class CutOff(FakeResponse):
         def read(self, *args):
             raise http.client.IncompleteRead(b"partial", 100)
 
     monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: CutOff(b""))
-    with pytest.raises(DataError, match="download from .* failed") as caught:
+    with pytest.raises(DataError, match="download of train-images-idx3-ubyte.gz from .* failed") as caught:
         data.fetch(DATASETS["kmnist"], tmp_path, "idx", progress=False)
     assert "\n" not in str(caught.value)
     assert not list((tmp_path / "kmnist").glob("*")), "a failed download must leave nothing behind"

@@ -126,15 +126,18 @@ def time_inference(model: torch.nn.Module, images: torch.Tensor, mean: float, st
     from kmnist.metrics import predict_logits
 
     sample = images[:count]
+    device = next(model.parameters()).device
     predict_logits(model, sample[:batch_size], mean, std, batch_size, precision)  # warm-up
     rates = []
     for _ in range(repeats):
+        _sync(device)  # a GPU queues the work: time it until it is done
         started = time.perf_counter()
         if batch_size == 1:
             for index in range(len(sample)):
                 predict_logits(model, sample[index:index + 1], mean, std, 1, precision)
         else:
             predict_logits(model, sample, mean, std, batch_size, precision)
+        _sync(device)
         rates.append(len(sample) / (time.perf_counter() - started))
     return statistics.median(rates)
 
@@ -181,14 +184,18 @@ def markdown_row(result: dict[str, Any]) -> str:
     return "| " + " | ".join([
         result["date"], result["name"],
         result["precision"] + (f" ({'bf16' if result['bf16'] else 'fp32'})" if result["precision"] == "auto" else "")
-        + (f", compile {result['compile']['mode']}" if "compile" in result else ""),
+        + (f", compile {result['compile']['mode']}" if "compile" in result else "")
+        + (f"; per-sample in {result['baseline_precision']}" if result.get("baseline_precision", "fp32") != "fp32"
+           else ""),
         result["hardware"],
         f"{medians['tensor']:.1f}", f"{per_sample:.1f}" if per_sample else "-",
         f"{result['speedup']:.2f}x" if "speedup" in result else "-",
         f"{result['eval_seconds']:.2f}", f"{result['train_images_per_second']:.0f}",
         f"{result['infer_images_per_second_batch1']:.0f}", f"{result['infer_images_per_second_batch1024']:.0f}",
         f"{recipe['train_seconds']:.0f} s, {recipe_accuracy(recipe)}" if recipe else "-",
-        str(result["repeats"]), short_revision(result.get("git_revision")),
+        str(result["repeats"]) + (f" ({result['batches_timed_per_epoch']} batches of {result['batches_per_epoch']}, "
+                                  "scaled)" if result["batches_timed_per_epoch"] < result["batches_per_epoch"] else ""),
+        short_revision(result.get("git_revision")),
     ]) + " |"
 
 

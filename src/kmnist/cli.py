@@ -510,17 +510,22 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def bench_label(config: TrainConfig, preset: str | None) -> str:
-    """What `kmnist bench` timed: the preset (or model) and each model argument that differs from it."""
+    """What `kmnist bench` timed: the preset (or model) and each model argument, the dataset and the batch size
+    where they differ from it."""
     from kmnist.models import resolve_model_args
 
     base = resolve_config(preset=preset) if preset else TrainConfig(model=config.model)
+    training = base  # the preset's dataset and batch size, whichever model it ran
     label = preset if preset and base.model == config.model else config.model
     if preset and base.model != config.model:
         label += f" (preset {preset}, model changed)"
         base = TrainConfig(model=config.model)
     reference = resolve_model_args(base.model, base.model_args)
     timed = resolve_model_args(config.model, config.model_args)
-    return " ".join([label, *(f"{key}={value}" for key, value in sorted(timed.items()) if reference[key] != value)])
+    settings = [f"{key}={value}" for key, value in sorted(timed.items()) if reference[key] != value]
+    settings += [f"{name}={getattr(config, name)}" for name in ("dataset", "batch_size")  # they change the timing
+                 if getattr(config, name) != getattr(training, name)]
+    return " ".join([label, *settings])
 
 
 def markdown_text(path: Path) -> str:

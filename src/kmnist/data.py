@@ -12,6 +12,7 @@ import shlex
 import struct
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from dataclasses import dataclass
 from importlib import resources
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from kmnist.errors import DataError
+from kmnist.errors import DataError, KmnistWarning
 from kmnist.files import atomic_writer
 
 IMAGE_SIZE = 28  # pixels per side in both datasets
@@ -316,10 +317,14 @@ def fetch(spec: DatasetSpec, data_dir: Path, fmt: str | None = None, progress: b
         try:
             download_file(spec.url + remote.name, folder / remote.name, remote, progress)
         except DOWNLOAD_ERRORS as error:
-            names = ", ".join(f.name for f in missing)
             reason = getattr(error, "reason", error)
+            if remote is spec.classmap:  # the package holds a copy of it
+                warnings.warn(f"{remote.name}: download from {spec.url} failed ({reason}); using the copy in the "
+                              "kmnist package", KmnistWarning)
+                continue
+            names = ", ".join(f.name for f in missing if not (folder / f.name).is_file())
             raise DataError(
-                f"{spec.name} files missing: {names}; download from {spec.url} failed ({reason}); "
+                f"{spec.name} files missing: {names}; download of {remote.name} from {spec.url} failed ({reason}); "
                 f"put the official files in {folder}"
             ) from None
     return fmt, folder
