@@ -49,6 +49,15 @@ def test_inverted_rgb_rgba_and_padded_variants_give_the_same_image(character: np
         assert np.array_equal(prepare_bytes(encode(variant)), character), variant.mode
 
 
+@pytest.mark.parametrize("paper, ink", [(120, 20), (100, 10), (150, 250)])
+def test_ink_on_grey_paper_on_either_side_of_mid_grey_is_found(character: np.ndarray, paper: int, ink: int) -> None:
+    # The character's strokes at `ink` on paper at `paper`: dim photos of dark ink, and light ink on grey.
+    scale = character.astype(np.float32) / 255
+    grey = np.zeros((68, 68), dtype=np.uint8) + paper
+    grey[20:48, 20:48] = np.round(paper + (ink - paper) * scale).astype(np.uint8)
+    assert np.abs(prepare_bytes(encode(Image.fromarray(grey))).astype(int) - character).max() <= 3
+
+
 def test_a_float_image_holding_nan_is_refused(character: np.ndarray) -> None:
     values = character.astype(np.float32) / 255
     values[0, 0] = np.nan

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import synthetic_arrays
@@ -110,3 +111,46 @@ def test_expand_inputs_keeps_argument_order(image_folder: Path) -> None:
     files = expand_inputs([image_folder / "char3.png", image_folder])
     assert [item.path.name for item in files][:2] == ["char3.png", "char0.png"]
     assert all(item.error is None for item in files)
+
+
+def _edited(tiny_checkpoint: Path, folder: Path, name: str, **changes) -> Path:
+    from kmnist.checkpoint import load_checkpoint
+
+    payload = load_checkpoint(tiny_checkpoint)
+    for key, value in changes.items():
+        if key == "model_args":
+            payload["model_args"] = {**payload["model_args"], **value}
+        else:
+            payload[key] = value
+    torch.save(payload, folder / name)
+    return folder / name
+
+
+def test_edited_checkpoints_are_one_line_before_any_work(tiny_checkpoint: Path, image_folder: Path, tmp_path: Path,
+                                                         capsys) -> None:
+    import zipfile
+
+    from kmnist.checkpoint import load_checkpoint
+
+    normal = load_checkpoint(tiny_checkpoint)
+    edits = {
+        "class_names": ({"class_names": normal["class_names"][:5]}, "class_names are not 10 names"),
+        "no_stats": ({"normalization": {}}, "normalization is not a finite mean and a positive std"),
+        "zero_std": ({"normalization": {"mean": 0.2, "std": 0.0}}, "normalization is not a finite mean"),
+        "no_config": ({"config": {}}, "config has no whole seed and val_size"),
+        # Asked for gigabytes by its arguments: refused from the shapes, before the model is built.
+        "huge": ({"model_args": {"token_hidden": 10**6}}, "weights do not fit model"),
+    }
+    for name, (changes, message) in edits.items():
+        path = _edited(tiny_checkpoint, tmp_path, f"{name}.pt", **changes)
+        code = main(["predict", str(path), str(image_folder)])
+        err = capsys.readouterr().err
+        assert code != 0 and len(err.strip().splitlines()) == 1 and message in err, (name, err)
+    # The same entries packed: torch.load would unpack them, to any size; torch.save never packs.
+    packed = tmp_path / "packed.pt"
+    with zipfile.ZipFile(tiny_checkpoint) as source, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as target:
+        for entry in source.infolist():
+            target.writestr(entry.filename, source.read(entry.filename))
+    code = main(["predict", str(packed), str(image_folder)])
+    err = capsys.readouterr().err
+    assert code != 0 and "compressed entries" in err and len(err.strip().splitlines()) == 1

@@ -130,6 +130,9 @@ NOISE = encode(Image.fromarray(np.random.default_rng(0).integers(0, 256, (100, 1
     ({"files": {"picture": ("c.png", b"\x89PNG", "image/png")}}, 400, "missing_file"),
     ({"data": {"file": "a text field, not a file"}}, 415, "unsupported_content_type"),  # form-urlencoded
     ({"content": b"--x\r\nbroken", "headers": {"content-type": "multipart/form-data"}}, 400, "bad_request"),
+    ({"content": b'--XX\r\nContent-Disposition: form-data; name="file"; filename="c.png"\r\n'  # cut short
+                 b"Content-Type: image/png\r\n\r\n\x89PNG\r\n\x1a\n",
+      "headers": {"content-type": "multipart/form-data; boundary=XX"}}, 400, "bad_request"),
     ({"json": {"image": "base64..."}}, 415, "unsupported_content_type"),
     ({"content": b"hello", "headers": {"content-type": "text/plain"}}, 415, "unsupported_content_type"),
     ({"content": b"\x89PNG"}, 415, "unsupported_content_type"),  # no content type at all

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import zipfile
 from pathlib import Path
@@ -65,6 +66,11 @@ def load_checkpoint(path: str | Path) -> dict:
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; its directory is at the end
         raise KmnistError(f"{path}: not a readable kmnist checkpoint (not a whole file written by torch.save: "
                           f"another kind of file, or cut short)")
+    with zipfile.ZipFile(path) as archive:  # torch.save stores its entries; packed ones could unpack to any size
+        entries = archive.infolist()
+    if any(entry.compress_type != zipfile.ZIP_STORED for entry in entries) or \
+            sum(entry.file_size for entry in entries) > path.stat().st_size:
+        raise KmnistError(f"{path}: not a readable kmnist checkpoint (compressed entries: torch.save writes none)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError,
@@ -84,7 +90,26 @@ def load_checkpoint(path: str | Path) -> dict:
         if not isinstance(payload.get(name), kind) or isinstance(payload.get(name), bool):
             raise KmnistError(f"{path}: a kmnist checkpoint without a readable {name!r} (edited, or written by "
                               "something else)")
+    problem = field_problem(payload)
+    if problem:
+        raise KmnistError(f"{path}: a kmnist checkpoint whose {problem} (edited, or written by something else)")
     return payload
+
+
+def field_problem(payload: dict) -> str | None:
+    """What makes the checkpoint's fields disagree with each other or with what they mean, if anything."""
+    names, count = payload["class_names"], payload["num_classes"]
+    if count < 1 or len(names) != count or not all(isinstance(name, str) and name for name in names):
+        return f"class_names are not {count} names of classes"
+    stats = payload["normalization"]
+    numbers = [stats.get(key) for key in ("mean", "std")]
+    if not all(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+               for value in numbers) or numbers[1] <= 0:
+        return "normalization is not a finite mean and a positive std"
+    config = payload["config"]
+    if not all(isinstance(config.get(key), int) and not isinstance(config.get(key), bool) for key in ("seed", "val_size")):
+        return "config has no whole seed and val_size"
+    return None
 
 
 def model_from_checkpoint(payload: dict, expected_model: str | None = None, source: str = "checkpoint") -> nn.Module:
@@ -92,6 +117,17 @@ def model_from_checkpoint(payload: dict, expected_model: str | None = None, sour
     name = payload["model"]
     if expected_model is not None and expected_model != name:
         raise KmnistError(f"{source} holds model {name!r}, not {expected_model!r}")
+    # The shapes first, on a model without storage: model arguments edited to ask for gigabytes are refused
+    # before anything is allocated.
+    with torch.device("meta"):
+        skeleton = create_model(name, num_classes=payload["num_classes"], **payload["model_args"])
+    expected = {key: tuple(value.shape) for key, value in skeleton.state_dict().items()}
+    given = {key: tuple(getattr(value, "shape", ())) for key, value in payload["state_dict"].items()}
+    if expected != given:
+        differing = sorted(set(expected) ^ set(given)) or [key for key in expected if expected[key] != given[key]]
+        key = differing[0]
+        raise KmnistError(f"{source}: weights do not fit model {name!r} ({key}: the model has "
+                          f"{expected.get(key, 'no such tensor')}, the checkpoint {given.get(key, 'none')})")
     model = create_model(name, num_classes=payload["num_classes"], **payload["model_args"])
     try:
         model.load_state_dict(payload["state_dict"])

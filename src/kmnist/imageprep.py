@@ -56,8 +56,9 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
         raise ImageError(f"{width}x{height} pixels, over the limit of {limits.max_pixels}", "too_many_pixels")
     if width < 1 or height < 1:
         raise ImageError(f"{width}x{height} pixels", "not_an_image")
+    kind = image.format  # the rotated copy below no longer knows it
     try:
-        if image.format == "JPEG":  # let the decoder scale down by 2, 4 or 8: a phone photo decodes fast
+        if kind == "JPEG":  # let the decoder scale down by 2, 4 or 8: a phone photo decodes fast
             image.draft(image.mode, (WORKING_SIDE, WORKING_SIDE))
         image = ImageOps.exif_transpose(image)  # phone photos are stored sideways with a rotation tag
         return _greyscale(_shrink(image))
@@ -65,7 +66,7 @@ def decode_image(data: bytes, limits: Limits = Limits()) -> np.ndarray:
         raise ImageError(f"too many pixels ({error})", "too_many_pixels") from None
     except Exception as error:  # truncated or corrupt data; Pillow's decoders raise many exception types
         reason = str(error).splitlines()[0][:120] if str(error) else type(error).__name__
-        raise ImageError(f"cannot decode the {image.format} image ({reason})", "not_an_image") from None
+        raise ImageError(f"cannot decode the {kind} image ({reason})", "not_an_image") from None
 
 
 def _has_alpha(image: Image.Image) -> bool:
@@ -148,7 +149,9 @@ def background(ink: np.ndarray) -> np.ndarray:
 
 def ink_image(grey: np.ndarray) -> np.ndarray:
     """Greyscale -> ink in [0, 1] on a 0 background: dark-on-light is inverted, the background removed, contrast stretched."""
-    if float(np.median(np.concatenate(edges(grey)))) > 0.5:  # dark ink on light paper
+    # The paper is the edges' level: nearer the image's brightest than its darkest, the ink is the darker
+    # (dark ink on light paper, or on dim grey paper in a dark photo), and the image is inverted.
+    if float(np.median(np.concatenate(edges(grey)))) > (float(grey.min()) + float(grey.max())) / 2:
         grey = 1 - grey
     ink = grey - background(grey)
     peak = float(ink.max())

@@ -11,6 +11,7 @@ import functools
 import io
 import logging
 import random
+import re
 import socket
 from dataclasses import dataclass
 from importlib import resources
@@ -93,6 +94,10 @@ async def read_upload(request: Request, limit: int) -> bytes:
         raise ApiError(400, "empty", "empty request body")
     if not multipart:
         return bytes(body)
+
+    boundary = re.search(r'boundary="?([^";]+)"?', request.headers.get("content-type", ""))
+    if boundary and f"--{boundary.group(1)}--".encode() not in body:  # a parser takes what it has: a part cut short
+        raise ApiError(400, "bad_request", "malformed multipart body: no closing boundary (cut short?)")
 
     async def replay() -> dict[str, Any]:
         return {"type": "http.request", "body": bytes(body), "more_body": False}
