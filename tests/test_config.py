@@ -65,3 +65,10 @@ def test_a_folder_or_a_missing_file_is_named_as_such(tmp_path) -> None:
         load_config_file(tmp_path)
     with pytest.raises(KmnistError, match="sweep definition not found: .*nothing.toml"):
         load_definition(str(tmp_path / "nothing.toml"))
+
+
+def test_a_dry_run_refuses_a_search_without_a_validation_split(capsys) -> None:
+    from kmnist.cli import main
+
+    assert main(["sweep", "--random", "lr=0.001..0.1", "--trials", "2", "--val-size", "0", "--dry-run"]) == 2
+    assert "needs --val-size > 0" in capsys.readouterr().err

@@ -308,3 +308,31 @@ def test_a_summary_value_that_is_not_a_number_is_one_line(tmp_path: Path, capsys
     code = main(["report", str(run_dir)])
     err = capsys.readouterr().err
     assert code == 2 and len(err.strip().splitlines()) == 1 and "final_test_acc is not a number ('abc')" in err
+
+
+def test_runs_whose_names_share_a_file_name_get_a_figure_each(tmp_path: Path, capsys) -> None:
+    make_run(tmp_path / "runs" / "実験", max_test=90.0)
+    make_run(tmp_path / "runs" / "試験", max_test=50.0, epochs=5)
+    make_run(tmp_path / "runs" / "run$_$1", max_test=70.0)  # "$" is not mathematics in a title
+    code = main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    assert code == 0, capsys.readouterr().err
+    curves = sorted(path.name for path in (tmp_path / "out" / "curves").iterdir())
+    assert len(curves) == 3 and len({path.read_bytes() for path in (tmp_path / "out" / "curves").iterdir()}) == 3
+    assert all("~" in name for name in curves)  # changed names carry a digest of the original
+
+
+def test_accuracy_against_a_setting_draws_one_line_per_combination_of_the_others(tmp_path: Path) -> None:
+    from kmnist.report import versus_series
+
+    for lr in (0.01, 0.1):
+        for batch_size in (64, 256):
+            make_run(tmp_path / f"lr{lr}-b{batch_size}", lr=lr, batch_size=batch_size,
+                     test_at_val=(90.0 if batch_size == 64 else 70.0) + lr * 10)
+    series = versus_series(collect([tmp_path]), "lr")
+    assert series == {"test accuracy at best validation epoch: batch_size=64": ([0.01, 0.1], [90.1, 91.0], [0.0, 0.0]),
+                      "test accuracy at best validation epoch: batch_size=256": ([0.01, 0.1], [70.1, 71.0],
+                                                                                  [0.0, 0.0])}
+    fixed = tmp_path / "fixed"
+    for lr in (0.01, 0.1):
+        make_run(fixed / f"lr{lr}", lr=lr, val_size=0, max_test=80.0 + lr * 10)
+    assert "final test accuracy (no validation split)" in versus_series(collect([fixed]), "lr")

@@ -9,6 +9,7 @@ from typing import Any, Sequence
 import matplotlib
 
 matplotlib.use("Agg")  # files only; never a window
+matplotlib.rcParams["text.parse_math"] = False  # run names are text: "$" in one is not mathematics
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
@@ -52,6 +53,7 @@ def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = 
 
     With `balanced` (imbalanced datasets such as K49), validation and test balanced accuracy are drawn too.
     """
+    _use_kana_font()  # run names may hold kana
     epochs = [row["epoch"] for row in history]
     figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
     for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
@@ -144,6 +146,7 @@ def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = ""
 
     Each curve is {"label", "epoch": [...], metric: (means, stds)}; the band is ± one std over seeds.
     """
+    _use_kana_font()
     # A panel only for what some run recorded: runs without a validation split (--val-size 0) have no
     # validation panel unless another run has one.
     panels = [(metric, label) for metric, label in (("val_acc", "validation accuracy (%)"),
@@ -175,13 +178,16 @@ def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = ""
     return _save(figure, path)
 
 
-def accuracy_versus(setting: str, values: Sequence[float], series: dict[str, tuple[Sequence[float], Sequence[float]]],
+def accuracy_versus(setting: str, series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
                     path: Path, title: str = "", dashed: Sequence[str] = ()) -> Path:
-    """Accuracy (mean ± std over seeds) against one numeric setting, e.g. the patch size."""
+    """Accuracy (mean ± std over seeds) against one numeric setting, e.g. the patch size: name -> (values of
+    the setting, means, stds); a line is dashed where its name starts with one in `dashed`."""
+    _use_kana_font()
     figure, axis = plt.subplots(figsize=(7, 4.5))
-    for name, (means, stds) in series.items():
-        axis.errorbar(values, means, yerr=stds, marker="o", capsize=4, linestyle="--" if name in dashed else "-",
-                      label=name)
+    for name, (xs, means, stds) in series.items():
+        axis.errorbar(xs, means, yerr=stds, marker="o", capsize=4,
+                      linestyle="--" if name.startswith(tuple(dashed)) else "-", label=name)
+    values = sorted({x for xs, _, _ in series.values() for x in xs})
     positive = all(v > 0 for v in values)
     if positive and max(values) / min(values) >= 8:
         axis.set_xscale("log", base=2)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import hashlib
 import html
 import io
 import re
@@ -155,7 +156,9 @@ def csv_text(results: Results) -> str:
 
 
 def file_stem(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+    """A file name for `name`; names that had to be changed get a digest of the original, so two never meet."""
+    stem = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+    return stem if stem == name else f"{stem}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
 def write_figures(results: Results, out: Path, vs: str | None) -> dict[str, Any]:
@@ -181,21 +184,40 @@ def write_figures(results: Results, out: Path, vs: str | None) -> dict[str, Any]
         figures["overlay"] = plots.overlay_curves([group_curves(group) for group in results.groups], out / OVERLAY)
     setting = versus_field(results, vs)
     if setting is not None:
-        groups = sorted(results.groups, key=lambda group: group.settings[setting])
-        values = [group.settings[setting] for group in groups]
-        series = {}
-        for metric, name in (("best_val_acc", "validation accuracy (best epoch)"),
-                             ("test_acc_at_best_val", "test accuracy at best validation epoch"),
-                             ("max_test_acc", "max test accuracy (test-selected)")):
-            stats = [group.stats[metric] for group in groups]
-            if all(mean != mean for mean, _ in stats):
-                continue
-            series[name] = ([mean for mean, _ in stats], [std or 0.0 for _, std in stats])
-        path = out / f"accuracy_vs_{file_stem(setting)}.png"
-        figures["versus"] = plots.accuracy_versus(setting, values, series, path,
+        figures["versus"] = plots.accuracy_versus(setting, versus_series(results, setting),
+                                                  out / f"accuracy_vs_{file_stem(setting)}.png",
                                                   dashed=("max test accuracy (test-selected)",))
         figures["versus_setting"] = setting
     return figures
+
+
+def versus_series(results: Results, setting: str) -> dict[str, tuple[list[float], list[float], list[float]]]:
+    """Lines of accuracy against `setting`: name -> (setting values, means, stds). Where other settings vary
+    too, one line per combination of them, of the honest numbers only."""
+    others = [name for name in results.varying if name != setting]
+    metrics = [("best_val_acc", "validation accuracy (best epoch)"),
+               ("test_acc_at_best_val", "test accuracy at best validation epoch"),
+               ("final_test_acc", "final test accuracy (no validation split)"),
+               ("max_test_acc", "max test accuracy (test-selected)")]
+    if others:
+        metrics = [metrics[1], metrics[2]]
+    combinations: dict[str, list[Group]] = {}
+    for group in results.groups:
+        label = ", ".join(f"{name}={format_setting(group.settings.get(name))}" for name in others)
+        combinations.setdefault(label, []).append(group)
+    series = {}
+    for label, members in combinations.items():
+        members.sort(key=lambda group: group.settings[setting])
+        for metric, name in metrics:
+            if metric == "final_test_acc" and all(group.settings.get("val_size") for group in members):
+                continue  # with a validation split, the epoch chosen on it is the result
+            stats = [group.stats[metric] for group in members]
+            if all(mean != mean for mean, _ in stats):
+                continue
+            series[f"{name}: {label}" if label else name] = (
+                [group.settings[setting] for group in members], [mean for mean, _ in stats],
+                [std or 0.0 for _, std in stats])
+    return series
 
 
 def data_uri(path: Path) -> str:

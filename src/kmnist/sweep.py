@@ -816,6 +816,8 @@ def checked_points(spec: SweepSpec) -> list[dict[str, Any]]:
     """A grid's points, or a search's corners, each checked to build a valid configuration and model."""
     points = grid_points(spec) if spec.method == "grid" else corner_points(spec)
     check_points(spec, points)
+    if spec.method != "grid" and any(point_config(spec, point).val_size == 0 for point in points):
+        raise KmnistError(f"a {spec.method} search chooses points by validation accuracy; it needs --val-size > 0")
     return points
 
 
@@ -836,8 +838,6 @@ def prepare(spec: SweepSpec, placement: SweepPlacement) -> dict[str, Any]:
     configs = [point_config(spec, point) for point in points]
     for point in points:  # --device cuda without one, --compile cuda-graph on a CPU
         training_device(point_config(spec, point, placement.config_placement()))
-    if spec.method != "grid" and any(config.val_size == 0 for config in configs):
-        raise KmnistError(f"a {spec.method} search chooses points by validation accuracy; it needs --val-size > 0")
     datasets = {name: load_dataset(name, placement.data_dir, check_md5=placement.check_md5, progress=False)
                 for name in sorted({config.dataset for config in configs})}
     for config in configs:  # what every trial would fail on, found once
