@@ -20,6 +20,12 @@ TINY = TrainConfig(epochs=3, val_size=100, batch_size=32, lr=3e-3, threads=1, pr
                    model_args={"token_hidden": 64, "channel_hidden": 64})
 
 
+def _stop_after_first(row: dict) -> None:
+    """An on_epoch callback: Ctrl-C once the first epoch's files are written."""
+    if row["epoch"] == 1:
+        raise KeyboardInterrupt
+
+
 def _drop_times(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in history]
 
@@ -109,12 +115,8 @@ def test_checkpoint_of_another_model_is_refused(tiny_dataset, tmp_path: Path) ->
 def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path: Path) -> None:
     whole = fit(TINY, tiny_dataset, tmp_path / "whole", progress=False)
 
-    def stop_after_first(row: dict) -> None:
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        fit(TINY, tiny_dataset, tmp_path / "cut", progress=False, on_epoch=stop_after_first)
+        fit(TINY, tiny_dataset, tmp_path / "cut", progress=False, on_epoch=_stop_after_first)
     assert runs.read_metrics(tmp_path / "cut")[-1]["epoch"] == 1
     resumed = fit(TINY, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
     assert _drop_times(resumed) == _drop_times(whole)
@@ -166,12 +168,8 @@ def test_a_run_stopped_between_its_last_checkpoint_and_metrics_gets_every_row_on
 def test_a_run_saved_before_a_config_field_existed_resumes(tiny_dataset, tmp_path: Path) -> None:
     # A field added later (here the distillation ones) is missing from older checkpoints; its default is
     # what such a run computed, so the run continues.
-    def stop_after_first(row: dict) -> None:
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        fit(TINY, tiny_dataset, tmp_path, progress=False, on_epoch=stop_after_first)
+        fit(TINY, tiny_dataset, tmp_path, progress=False, on_epoch=_stop_after_first)
     payload = load_checkpoint(tmp_path / runs.LAST)
     for name in ("teacher", "distill_weight", "distill_temperature"):
         del payload["config"][name]
@@ -305,12 +303,8 @@ def test_a_graphed_run_resumed_from_an_eager_checkpoint_continues_it(tiny_datase
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, **GRAPHED_CONFIGS[name]})
     whole = fit(config, tiny_dataset, progress=False)
 
-    def stop_after_first(row: dict) -> None:
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        fit(config, tiny_dataset, tmp_path, progress=False, on_epoch=stop_after_first)
+        fit(config, tiny_dataset, tmp_path, progress=False, on_epoch=_stop_after_first)
     _graph_without_capture(monkeypatch)
     _assert_same_epochs(fit(config, tiny_dataset, tmp_path, resume=True, progress=False), whole)
 
@@ -387,12 +381,8 @@ def test_a_run_resumed_on_other_data_is_refused(tiny_dataset, tmp_path: Path) ->
 
     from kmnist.data import Split
 
-    def stop_after_first(row: dict) -> None:
-        if row["epoch"] == 1:
-            raise KeyboardInterrupt
-
     with pytest.raises(KeyboardInterrupt):
-        fit(TINY, tiny_dataset, tmp_path, progress=False, on_epoch=stop_after_first)
+        fit(TINY, tiny_dataset, tmp_path, progress=False, on_epoch=_stop_after_first)
     brighter = replace(tiny_dataset, train=Split(tiny_dataset.train.images // 2 + 100, tiny_dataset.train.labels))
     with pytest.raises(KmnistError, match="trained on other data files .training pixels: mean"):
         fit(TINY, brighter, tmp_path, resume=True, progress=False)
