@@ -1,5 +1,9 @@
 """The one exception type for user mistakes: the CLI prints its message on one line and exits non-zero."""
 
+from __future__ import annotations
+
+from typing import Iterator
+
 
 class KmnistError(Exception):
     """A problem the user can fix (bad option, bad file, missing data); never a bug."""
@@ -27,3 +31,13 @@ class ImageError(KmnistError):
     def __init__(self, message: str, kind: str):
         super().__init__(message)
         self.kind = kind
+
+
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """`error`, then what it was raised from or while handling, and so on (each once)."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        yield current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__

@@ -1,4 +1,5 @@
-"""Atomic file writes: write beside the target, then rename, so no reader ever sees half a file."""
+"""Atomic file writes (write beside the target, then rename, so no reader ever sees half a file), and which
+failed writes are the machine's fault (a full disk, a read-only folder) rather than the code's."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+from kmnist.errors import exception_chain
 
 
 def _umask() -> int:
@@ -66,14 +69,8 @@ MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS
 
 def os_error_in(error: BaseException) -> OSError | None:
     """The OSError with an errno that `error` is or was raised from (torch wraps failed writes in RuntimeError)."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        if isinstance(current, OSError) and current.errno is not None:
-            return current
-        seen.add(id(current))
-        current = current.__cause__ or current.__context__
-    return None
+    return next((link for link in exception_chain(error) if isinstance(link, OSError) and link.errno is not None),
+                None)
 
 
 def machine_error(error: BaseException) -> OSError | None:

@@ -40,7 +40,7 @@ from typing import IO, Any, Callable, Iterator
 from kmnist import __version__, runs
 from kmnist.config import same_experiment
 from kmnist.data import selection_metric
-from kmnist.errors import KmnistError, KmnistWarning
+from kmnist.errors import KmnistError, KmnistWarning, exception_chain
 from kmnist.files import machine_error
 from kmnist.sweep_spec import (SEED, SweepSpec, check_points, corner_points, grid_points, planned_points,
                                format_value, point_config, search_space, trial_name)
@@ -182,13 +182,7 @@ def storage_failure(error: BaseException, placement: SweepPlacement) -> KmnistEr
         return None
     if not isinstance(error, (optuna.exceptions.StorageInternalError, SQLAlchemyError)):
         return None
-    innermost, seen = error, {id(error)}
-    while (innermost.__cause__ or innermost.__context__) is not None:
-        following = innermost.__cause__ or innermost.__context__
-        if id(following) in seen:
-            break
-        innermost = following
-        seen.add(id(innermost))
+    *_, innermost = exception_chain(error)  # the database's own words (sqlite3: "attempt to write a readonly ...")
     reason = (str(innermost).strip().splitlines() or [type(innermost).__name__])[0]
     return KmnistError(f"sweep storage {redact(placement.storage_url)}: {reason[:200]}; the same command "
                        "continues the sweep once it can be written")
