@@ -34,7 +34,8 @@ def test_images(data_dir: str | None, count: int) -> tuple[list[bytes], str]:
     if data_dir:
         from kmnist.data import load_dataset
 
-        images = load_dataset("kmnist", data_dir, download=False, progress=False).test.images[:count].numpy()
+        test = load_dataset("kmnist", data_dir, download=False, progress=False, test_only=True).test
+        images = test.images[:count].numpy()
         source = f"the first {count} KMNIST test images as 28x28 PNG"
     else:
         rng = np.random.default_rng(0)

@@ -62,7 +62,7 @@ def main() -> int:
 
     from kmnist.data import load_dataset
 
-    test = load_dataset("kmnist", args.data_dir, download=False, progress=False).test
+    test = load_dataset("kmnist", args.data_dir, download=False, progress=False, test_only=True).test
     images, labels = test.images.numpy(), test.labels.numpy()
     evaluation = kmnist("evaluate", args.checkpoint, "--data-dir", args.data_dir, "--json",
                         "--out", str(Path(args.work) / "evaluation"))

@@ -34,7 +34,7 @@ def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
         assert fragment in lines[0], lines[0]
 
 
-def test_train_then_evaluate(data_dir: Path, tmp_path: Path, capsys) -> None:
+def test_train_then_evaluate(data_dir: Path, tmp_path: Path, offline: None, capsys) -> None:
     run_dir = tmp_path / "run"
     code, out, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(run_dir), *SMALL],
                              capsys)
@@ -64,6 +64,17 @@ def test_train_then_evaluate(data_dir: Path, tmp_path: Path, capsys) -> None:
     code, out, err = run_cli(["evaluate", str(run_dir / "best.pt"), "--data-dir", str(data_dir), "--skip-md5",
                               "--model", "some-other-model"], capsys)
     assert_one_line_error(code, err, "holds model")
+
+    # The test split is all evaluating on it needs; the validation split needs the training files.
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):
+        (data_dir / "kmnist" / name).unlink()
+    code, out, err = run_cli(["evaluate", str(run_dir / "best.pt"), "--data-dir", str(data_dir), "--skip-md5",
+                              "--json", "--out", str(tmp_path / "test-only")], capsys)
+    assert code == 0, err
+    assert json.loads(out)["accuracy"] == result["accuracy"]
+    code, out, err = run_cli(["evaluate", str(run_dir / "best.pt"), "--data-dir", str(data_dir), "--skip-md5",
+                              "--split", "val"], capsys)
+    assert_one_line_error(code, err, "kmnist files missing: train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz;")
 
     # A finished run cannot be overwritten by accident.
     code, out, err = run_cli(["train", "--data-dir", str(data_dir), "--skip-md5", "--out", str(run_dir), *SMALL],

@@ -254,3 +254,34 @@ def test_data_folder_may_hold_the_files_directly(tmp_path: Path) -> None:
     shutil.copytree(tmp_path / "kmnist", flat)
     dataset = load_dataset("kmnist", flat, check_md5=False, download=False)
     assert len(dataset.train) == 50
+
+
+def test_the_test_split_alone_is_looked_for_verified_and_downloaded(tmp_path: Path, real_data_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = DATASETS["kmnist"]
+    write_dataset(tmp_path, train_count=50, test_count=20)
+    folder = tmp_path / "kmnist"
+    (folder / IDX[0]).unlink()  # no training images
+    (folder / IDX[1]).write_bytes(b"not gzip")  # nor readable training labels: neither is read
+    test = load_dataset("kmnist", tmp_path, check_md5=False, download=False, test_only=True)
+    assert test.train is None and len(test.test) == 20 and test.class_names[0] == "お"
+    with pytest.raises(DataError, match=r"need train-images-idx3-ubyte\.gz"):
+        load_dataset("kmnist", tmp_path, check_md5=False, download=False)
+    with pytest.raises(DataError) as caught:
+        load_dataset("kmnist", tmp_path / "empty", download=False, test_only=True)
+    assert "need t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz " in str(caught.value)
+    assert "train-" not in str(caught.value)
+
+    served = {spec.url + f.name: (real_data_dir / "kmnist" / f.name).read_bytes()
+              for f in (*spec.formats["idx"], spec.classmap)}
+    asked = []
+
+    def serve(url, timeout=None):
+        asked.append(url.rsplit("/", 1)[1])
+        return FakeResponse(served[url])
+
+    monkeypatch.setattr(urllib.request, "urlopen", serve)
+    real = load_dataset("kmnist", tmp_path / "fresh", progress=False, test_only=True)
+    assert sorted(asked) == sorted([IDX[2], IDX[3], spec.classmap.name])  # the training files are not fetched
+    assert real.train is None and len(real.test) == 10000
+    assert sorted(p.name for p in (tmp_path / "fresh" / "kmnist").iterdir()) == sorted(asked)

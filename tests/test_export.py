@@ -37,6 +37,8 @@ def test_onnx_matches_pytorch_for_any_batch_size(tiny_checkpoint: Path) -> None:
 def test_export_command_validates_on_the_test_split(tiny_checkpoint: Path, data_dir: Path, tmp_path: Path,
                                                      capsys) -> None:
     out = tmp_path / "exported" / "model.onnx"
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"):  # the test split is all it needs
+        (data_dir / "kmnist" / name).unlink()
     common = [str(tiny_checkpoint), "--data-dir", str(data_dir), "--skip-md5"]
     code = main(["export", *common, "--onnx", str(out)])
     captured = capsys.readouterr()

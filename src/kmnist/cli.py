@@ -800,7 +800,9 @@ def build_parser() -> Parser:
                                                "matrix for one checkpoint, or an ensemble of several.")
     evaluate.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT", help="checkpoint file(s) (.pt)")
     add_data_options(evaluate)
-    evaluate.add_argument("--split", choices=("test", "val"), default="test", help="(default: test)")
+    evaluate.add_argument("--split", choices=("test", "val"), default="test",
+                          help="test: the official test split (only its files are read); val: the validation "
+                               "split the checkpoint's run held out of the training files (default: test)")
     evaluate.add_argument("--model", help="fail unless every checkpoint holds this model")
     evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
     evaluate.add_argument("--batch-size", type=int, default=1024, help="images per forward pass (default: 1024)")

@@ -113,7 +113,7 @@ class Split:
 class Dataset:
     name: str
     class_names: list[str]  # one character per class, from the official class map
-    train: Split
+    train: Split | None  # None when only the test split was loaded (load_dataset(..., test_only=True))
     test: Split
 
     @property
@@ -262,21 +262,27 @@ def dataset_folders(spec: DatasetSpec, data_dir: Path) -> list[Path]:
     return [data_dir / spec.name, data_dir]
 
 
-def format_folder(spec: DatasetSpec, data_dir: Path, fmt: str) -> Path:
-    """The folder holding every file of one format, else data_dir/<name>/, where downloads go."""
-    return next((folder for folder in dataset_folders(spec, data_dir) if holds(folder, spec.formats[fmt])),
-                data_dir / spec.name)
+def split_files(spec: DatasetSpec, fmt: str, test_only: bool = False) -> tuple[RemoteFile, ...]:
+    """The data files of one format: all four, or the test split's two (images, labels)."""
+    files = spec.formats[fmt]
+    return files[2:] if test_only else files
+
+
+def format_folder(spec: DatasetSpec, data_dir: Path, fmt: str, test_only: bool = False) -> Path:
+    """The folder holding every file of one format (or its test files), else data_dir/<name>/, where downloads go."""
+    needed = split_files(spec, fmt, test_only)
+    return next((folder for folder in dataset_folders(spec, data_dir) if holds(folder, needed)), data_dir / spec.name)
 
 
 def holds(folder: Path, files: tuple[RemoteFile, ...]) -> bool:
     return all((folder / f.name).is_file() for f in files)
 
 
-def locate(spec: DatasetSpec, data_dir: Path) -> tuple[str, Path] | None:
-    """The first (format, folder) holding every file of one format, or None."""
+def locate(spec: DatasetSpec, data_dir: Path, test_only: bool = False) -> tuple[str, Path] | None:
+    """The first (format, folder) holding every file of one format (only its test files: test_only), or None."""
     for folder in dataset_folders(spec, data_dir):
-        for fmt, files in spec.formats.items():
-            if holds(folder, files):
+        for fmt in spec.formats:
+            if holds(folder, split_files(spec, fmt, test_only)):
                 return fmt, folder
     return None
 
@@ -303,16 +309,17 @@ def download_file(url: str, destination: Path, remote: RemoteFile, progress: boo
 DOWNLOAD_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, TimeoutError)
 
 
-def fetch(spec: DatasetSpec, data_dir: Path, fmt: str | None = None, progress: bool = True) -> tuple[str, Path]:
-    """Make sure one complete, verified set of files is present (downloading what is missing)."""
-    found = locate(spec, data_dir)
+def fetch(spec: DatasetSpec, data_dir: Path, fmt: str | None = None, progress: bool = True,
+          test_only: bool = False) -> tuple[str, Path]:
+    """Make sure one complete set of files (test_only: the test split's) is present, downloading what is missing."""
+    found = locate(spec, data_dir, test_only)
     if found is not None and (fmt is None or found[0] == fmt):
         return found
     fmt = fmt or spec.download_format
     if fmt not in spec.formats:
         raise DataError(f"{spec.name} is released as {', '.join(spec.formats)}, not {fmt}")
-    folder = format_folder(spec, data_dir, fmt)
-    missing = [f for f in (*spec.formats[fmt], spec.classmap) if not (folder / f.name).is_file()]
+    folder = format_folder(spec, data_dir, fmt, test_only)
+    missing = [f for f in (*split_files(spec, fmt, test_only), spec.classmap) if not (folder / f.name).is_file()]
     for remote in missing:
         try:
             download_file(spec.url + remote.name, folder / remote.name, remote, progress)
@@ -352,26 +359,31 @@ def repair(spec: DatasetSpec, data_dir: Path, fmt: str, progress: bool = True) -
 
 
 def load_dataset(name: str, data_dir: str | Path, check_md5: bool = True, download: bool = True,
-                 progress: bool = True) -> Dataset:
-    """Load a dataset's train and test splits as uint8 tensors, verifying every file first."""
+                 progress: bool = True, test_only: bool = False) -> Dataset:
+    """Load a dataset's train and test splits as uint8 tensors, verifying every file first.
+
+    test_only: only the test split (train is None); only its files are looked for, verified, read and, when
+    missing, downloaded (what evaluating, exporting and serving a trained model need).
+    """
     spec = get_spec(name)
     data_dir = Path(data_dir).expanduser()
-    found = locate(spec, data_dir)
+    found = locate(spec, data_dir, test_only)
     if found is None:
         if not download:
-            names = ", ".join(f.name for f in spec.formats[spec.download_format])
+            names = ", ".join(f.name for f in split_files(spec, spec.download_format, test_only))
             raise DataError(f"{spec.name} files not found in {data_dir}: need {names} (from {spec.url})")
-        found = fetch(spec, data_dir, progress=progress)
+        found = fetch(spec, data_dir, progress=progress, test_only=test_only)
     fmt, folder = found
-    return read_dataset(spec, fmt, folder, check_md5)
+    return read_dataset(spec, fmt, folder, check_md5, test_only)
 
 
-def read_dataset(spec: DatasetSpec, fmt: str, folder: Path, check_md5: bool = True) -> Dataset:
-    """Verify and read the files of one format in one folder."""
+def read_dataset(spec: DatasetSpec, fmt: str, folder: Path, check_md5: bool = True,
+                 test_only: bool = False) -> Dataset:
+    """Verify and read the files of one format in one folder (test_only: only the test split's)."""
     train_images, train_labels, test_images, test_labels = spec.formats[fmt]
     data_dir = folder.parent if folder.name == spec.name else folder
     try:
-        for remote in spec.formats[fmt]:
+        for remote in split_files(spec, fmt, test_only):
             verify_file(folder / remote.name, remote, check_md5)
         classmap_path = folder / spec.classmap.name
         if classmap_path.is_file():
@@ -386,8 +398,8 @@ def read_dataset(spec: DatasetSpec, fmt: str, folder: Path, check_md5: bool = Tr
         raise DataError(f"{classmap_path or spec.classmap.name}: {len(class_names)} classes, {spec.name} has "
                         f"{spec.num_classes}")
     # The official counts are checked only together with the official checksums.
-    train = read_split(folder / train_images.name, folder / train_labels.name, fmt, spec.num_classes,
-                       spec.train_count if check_md5 else None)
+    train = None if test_only else read_split(folder / train_images.name, folder / train_labels.name, fmt,
+                                              spec.num_classes, spec.train_count if check_md5 else None)
     test = read_split(folder / test_images.name, folder / test_labels.name, fmt, spec.num_classes,
                       spec.test_count if check_md5 else None)
     return Dataset(spec.name, class_names, train, test)

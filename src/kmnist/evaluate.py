@@ -30,7 +30,7 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         if (payload["dataset"], payload["class_names"]) != (first["dataset"], first["class_names"]):
             raise KmnistError(f"{path} was trained on {payload['dataset']}, {paths[0]} on {first['dataset']}")
     models = [model_from_checkpoint(p, expected_model, source=str(path)) for path, p in zip(paths, payloads)]
-    dataset = load_dataset(first["dataset"], data_dir, check_md5=check_md5)
+    dataset = load_dataset(first["dataset"], data_dir, check_md5=check_md5, test_only=split != "val")
     if split == "val":
         config = first["config"]
         if not config["val_size"]:

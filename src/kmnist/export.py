@@ -110,7 +110,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, data_dir: str | P
     if batch_size < 1:
         raise KmnistError(f"--batch-size must be at least 1, got {batch_size}")
     payload = load_checkpoint(checkpoint)
-    test = load_dataset(payload["dataset"], data_dir, check_md5=check_md5, progress=False).test
+    test = load_dataset(payload["dataset"], data_dir, check_md5=check_md5, progress=False, test_only=True).test
     model = to_onnx(payload)
     comparison = compare_with_torch(model, payload, test.images.numpy(), batch_size)
     if comparison["mismatches"] or not comparison["max_abs_logit_diff"] <= tolerance:

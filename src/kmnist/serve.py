@@ -69,7 +69,7 @@ def load_examples(dataset: str, options: ServeOptions) -> tuple[Any, str]:
 
     try:
         return load_dataset(dataset, options.data_dir, check_md5=options.check_md5, download=False,
-                            progress=False).test, ""
+                            progress=False, test_only=True).test, ""
     except KmnistError as error:
         return None, str(error)
 
