@@ -82,6 +82,18 @@ def test_train_then_evaluate(data_dir: Path, tmp_path: Path, offline: None, caps
     assert_one_line_error(code, err, "already holds a run")
 
 
+def test_evaluating_the_validation_split_of_a_run_without_one_reads_no_data(tiny_checkpoint: Path, tmp_path: Path,
+                                                                            offline: None, capsys) -> None:
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["config"]["val_size"] = 0
+    checkpoint = tmp_path / "no-val.pt"
+    torch.save(payload, checkpoint)
+    code, _, err = run_cli(["evaluate", str(checkpoint), "--data-dir", str(tmp_path / "empty"), "--split", "val"],
+                           capsys)
+    assert_one_line_error(code, err, "was trained without a validation split")
+    assert not (tmp_path / "empty").exists()
+
+
 def test_runs_started_in_the_same_second_get_folders_of_their_own(data_dir: Path, tmp_path: Path, monkeypatch,
                                                                    capsys) -> None:
     monkeypatch.chdir(tmp_path)

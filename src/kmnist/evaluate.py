@@ -30,8 +30,7 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         if (payload["dataset"], payload["class_names"]) != (first["dataset"], first["class_names"]):
             raise KmnistError(f"{path} was trained on {payload['dataset']}, {paths[0]} on {first['dataset']}")
     models = [model_from_checkpoint(p, expected_model, source=str(path)) for path, p in zip(paths, payloads)]
-    dataset = load_dataset(first["dataset"], data_dir, check_md5=check_md5, test_only=split != "val")
-    if split == "val":
+    if split == "val":  # checked before the data is read (or downloaded)
         config = first["config"]
         if not config["val_size"]:
             raise KmnistError(f"{paths[0]} was trained without a validation split")
@@ -42,6 +41,8 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
                 raise KmnistError(f"--split val needs members with the same validation split: {paths[0]} holds out "
                                   f"{config['val_size']} images with seed {config['seed']}, {path} "
                                   f"{other['val_size']} with seed {other['seed']}")
+    dataset = load_dataset(first["dataset"], data_dir, check_md5=check_md5, test_only=split != "val")
+    if split == "val":
         _, images_labels = split_validation(dataset.train, config["val_size"], config["seed"])
     else:
         images_labels = dataset.test
