@@ -12,6 +12,9 @@ tried for the 2.5x target, side by side in one process.
 - chunked-N: stem and its BatchNorm on the whole batch, the rest (per-sample independent) forward and
   backward in chunks of N images so the 512-wide activations stay in cache; the same gradients;
 - compile: torch.compile of the whole model (default mode; it traces the plain ops).
+- two-threads: stem and its BatchNorm on the whole batch, then each half of the batch forward and backward
+  on a thread of its own, one core each (torch threads 1), instead of every operation split across both
+  cores; the same gradients.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import json
 import re
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,7 +40,7 @@ from kmnist.models.mixer import patchify
 from kmnist.runinfo import environment, hardware_summary
 
 
-KNOWN = ("eager", "plain", "inplace-relu", "left-matmul", "compile")
+KNOWN = ("eager", "plain", "inplace-relu", "left-matmul", "compile", "two-threads")
 
 
 def left_linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -65,11 +69,26 @@ def make_step(variant: str, batch: tuple[torch.Tensor, torch.Tensor], precision:
             block.forward = forward
     run = torch.compile(model) if variant == "compile" else model
     chunk = int(variant.split("-")[1]) if variant.startswith("chunked") else 0
+    worker = ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(1,)) if variant == "two-threads" else None
+
+    def half(stem: torch.Tensor, labels: torch.Tensor) -> None:  # autocast is per thread: entered on each
+        with autocast_for(torch.device("cpu"), precision):
+            logits = model.head(model.blocks(stem).mean(dim=1))
+            (F.cross_entropy(logits, labels, reduction="sum") / len(images)).backward()
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
         with autocast_for(torch.device("cpu"), precision):
-            if not chunk:
+            if worker:
+                stem = model.stem(patchify(images, model.patch))
+                stem = model.stem_norm(stem.transpose(1, 2)).transpose(1, 2)
+                middle = len(images) // 2
+                first, second = (part.detach().requires_grad_() for part in (stem[:middle], stem[middle:]))
+                other = worker.submit(half, second, labels[middle:])
+                half(first, labels[:middle])
+                other.result()
+                stem.backward(torch.cat([first.grad, second.grad]))
+            elif not chunk:
                 F.cross_entropy(run(images), labels).backward()
             else:
                 stem = model.stem(patchify(images, model.patch))
@@ -104,19 +123,22 @@ def main() -> None:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         parser.error(f"--json: no such directory: {Path(args.json).parent}")  # before minutes of measuring
     steps, times, warmup = {}, {name: [] for name in variants}, {}
+    threads = torch.get_num_threads()
     for name in variants:
         steps[name] = make_step(name, batch, args.precision)
+        torch.set_num_threads(1 if name == "two-threads" else threads)
         started = time.perf_counter()
         for _ in range(10):
             steps[name]()
         warmup[name] = time.perf_counter() - started
     for _ in range(args.rounds):
         for name in variants:
+            torch.set_num_threads(1 if name == "two-threads" else threads)
             started = time.perf_counter()
             for _ in range(args.steps):
                 steps[name]()
             times[name].append((time.perf_counter() - started) / args.steps * 1000)
-    result = {"hardware": hardware_summary(environment()), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    result = {"hardware": hardware_summary(environment()), "threads": threads, "torch": torch.__version__,
               "precision": args.precision, "bf16": uses_bf16(torch.device("cpu"), args.precision),
               "ms_per_step": times, "median_ms_per_step": {k: statistics.median(v) for k, v in times.items()},
               "warmup_seconds_10_steps": warmup}
