@@ -674,3 +674,31 @@ def test_the_benchmark_row_names_a_per_sample_side_in_bf16() -> None:
     row = markdown_row(result)
     assert "| auto (bf16); per-sample in bf16 |" in row and "| 3 | - |" in row
     assert "per-sample in" not in markdown_row({**result, "baseline_precision": "fp32"})
+
+
+def test_command_line_defaults_are_the_library_defaults() -> None:
+    import inspect
+
+    from kmnist import config, data
+    from kmnist.evaluate import evaluate_checkpoints
+    from kmnist.export import export_checkpoint
+    from kmnist.imageprep import Limits
+    from kmnist.predict import predict_files
+    from kmnist.serve import ServeOptions
+
+    def default(function, name):
+        return inspect.signature(function).parameters[name].default
+
+    assert set(config.DATASETS) == set(data.DATASETS)
+    parser = cli.build_parser()
+    predict = parser.parse_args(["predict", "ckpt.pt", "image.png"])
+    assert predict.max_file_mb * 2**20 == Limits().max_bytes and predict.max_megapixels * 1e6 == Limits().max_pixels
+    assert predict.batch_size == default(predict_files, "batch_size")
+    serve = parser.parse_args(["serve", "ckpt.pt"])
+    options = ServeOptions()
+    assert serve.max_upload_mb * 2**20 == options.max_upload_bytes and serve.max_megapixels * 1e6 == options.max_pixels
+    assert serve.top_k == options.top_k
+    assert parser.parse_args(["evaluate", "ckpt.pt"]).batch_size == default(evaluate_checkpoints, "batch_size")
+    export = parser.parse_args(["export", "ckpt.pt", "--onnx", "m.onnx"])
+    assert (export.batch_size, export.tolerance) == (default(export_checkpoint, "batch_size"),
+                                                     default(export_checkpoint, "tolerance"))

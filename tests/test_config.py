@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kmnist.config import PRESETS, resolve_config
+from kmnist.config import PRESETS, TrainConfig, resolve_config, same_experiment
 from kmnist.errors import KmnistError
 from kmnist.sweep_spec import build_spec, point_config
 
@@ -72,3 +72,20 @@ def test_a_dry_run_refuses_a_search_without_a_validation_split(capsys) -> None:
 
     assert main(["sweep", "--random", "lr=0.001..0.1", "--trials", "2", "--val-size", "0", "--dry-run"]) == 2
     assert "needs --val-size > 0" in capsys.readouterr().err
+
+
+def test_one_computation_is_one_experiment_however_its_model_arguments_are_written() -> None:
+    plain = TrainConfig().to_dict()
+    assert same_experiment(plain, TrainConfig(model_args={"patch": 4}).to_dict())  # 4 is the model's default
+    assert not same_experiment(plain, TrainConfig(model_args={"patch": 7}).to_dict())
+    assert same_experiment(plain, {**plain, "threads": 2, "device": "cpu"})  # placement aside
+    assert not same_experiment(plain, {**plain, "lr": 0.01})
+    unknown = {**plain, "model": "retired-model", "model_args": {"width": 3}}
+    assert same_experiment(unknown, dict(unknown)) and not same_experiment(unknown, {**unknown, "model_args": {}})
+
+
+def test_a_config_keeps_its_own_copy_of_the_model_arguments() -> None:
+    given = {"patch": 7}
+    config = TrainConfig(model_args=given)
+    given["patch"] = 2
+    assert config.model_args == {"patch": 7}

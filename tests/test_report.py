@@ -190,16 +190,16 @@ def test_unfinished_runs_are_left_out_of_the_table_and_drawn_as_far_as_they_got(
 
 
 def test_a_run_of_one_epoch_is_drawn_on_whole_epochs(tmp_path: Path) -> None:
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     from kmnist import plots
 
-    figure, axis = plt.subplots()
+    figure = Figure()
+    axis = figure.subplots()
     axis.plot([1], [80.0])
     plots._epoch_axis(axis, [1])
     figure.canvas.draw()
     assert list(axis.get_xticks()) == [0.0, 1.0, 2.0]  # not 0.95, 0.96, ... 1.05
-    plt.close(figure)
 
 
 def test_runs_without_a_validation_split_show_their_final_test_accuracy(tmp_path: Path, capsys) -> None:
@@ -256,8 +256,6 @@ def test_hardware_of_an_odd_environment_record_is_named_as_far_as_it_goes() -> N
 
 
 def test_the_overlay_leaves_out_the_validation_panel_only_when_no_run_has_one(tmp_path: Path, monkeypatch) -> None:
-    import matplotlib.pyplot as plt
-
     from kmnist import plots
 
     nan = float("nan")
@@ -265,14 +263,13 @@ def test_the_overlay_leaves_out_the_validation_panel_only_when_no_run_has_one(tm
              "test_acc": ([90.0, 91.0], [0.0, 0.0]), "train_loss": ([1.0, 0.5], [0.0, 0.0])}
     chosen = {**fixed, "label": "chosen", "val_acc": ([89.0, 90.0], [0.0, 0.0])}
     drawn = []
-    real_subplots = plt.subplots
+    real_save = plots._save
 
-    def recording_subplots(*args, **kwargs):
-        figure, axes = real_subplots(*args, **kwargs)
+    def recording_save(figure, path):
         drawn.append(figure)
-        return figure, axes
+        return real_save(figure, path)
 
-    monkeypatch.setattr(plt, "subplots", recording_subplots)
+    monkeypatch.setattr(plots, "_save", recording_save)
     plots.overlay_curves([fixed], tmp_path / "fixed.png")
     plots.overlay_curves([fixed, chosen], tmp_path / "both.png")
     titles = [[axis.get_title() for axis in figure.axes] for figure in drawn]
@@ -336,3 +333,44 @@ def test_accuracy_against_a_setting_draws_one_line_per_combination_of_the_others
     for lr in (0.01, 0.1):
         make_run(fixed / f"lr{lr}", lr=lr, val_size=0, max_test=80.0 + lr * 10)
     assert "final test accuracy (no validation split)" in versus_series(collect([fixed]), "lr")
+
+
+def test_figures_leave_the_callers_matplotlib_as_it_was(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    # A fresh interpreter, as a notebook importing kmnist would be: its backend and settings, before and after.
+    script = f"""
+import warnings
+import matplotlib
+state = lambda: (matplotlib.get_backend(), matplotlib.rcParams["text.parse_math"], matplotlib.rcParams["font.family"])
+before = state()
+from kmnist import plots
+warnings.simplefilter("error")  # a missing glyph (a kana drawn as a box) is a warning
+plots.confusion_matrix([[3, 1], [0, 4]], ["お", "き"], {str(tmp_path / "kana.png")!r}, title="run $1$ お")
+print(before == state())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "True" and (tmp_path / "kana.png").stat().st_size > 0
+
+
+def test_notes_explain_only_the_columns_shown_and_folders_without_a_config_are_named(tmp_path: Path,
+                                                                                      capsys) -> None:
+    make_run(tmp_path / "runs" / "held-out", lr=0.01)
+    table = markdown(collect([tmp_path / "runs"]))
+    assert "*Test acc at best val epoch*" in table and "*Max test acc*" in table
+    assert "*Final test acc*" not in table and "balanced" not in table.split("|---")[0]
+    assert "*Test balanced acc*" not in table and "*Final test balanced acc*" not in table
+    make_run(tmp_path / "runs" / "all-data", lr=0.01, val_size=0)
+    assert "*Final test acc*" in markdown(collect([tmp_path / "runs"]))
+
+    copied = tmp_path / "runs" / "saved-elsewhere"  # a run's files kept without its config.json
+    copied.mkdir()
+    (copied / runs.METRICS).write_bytes((tmp_path / "runs" / "held-out" / runs.METRICS).read_bytes())
+    code = main(["report", str(tmp_path / "runs"), "--out", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "1 folder(s) without config.json left out" in out
+    assert f"Left out (1 folder(s) with run files but no config.json, so no settings to group them by): {copied}" in out
+    assert str(copied) in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")

@@ -16,7 +16,7 @@ from kmnist.config import TrainConfig
 from kmnist.data import Dataset, Split
 from kmnist.metrics import uses_bf16
 from kmnist.models.fused import set_fused
-from kmnist.train import Trainer, _sync
+from kmnist.train import ORDER_STREAM, Trainer, stream_seed, sync_device
 
 
 class PerSampleDataset(TorchDataset):
@@ -40,7 +40,7 @@ class PerSampleDataset(TorchDataset):
 
 def per_sample_loader(trainer: Trainer, epoch: int) -> DataLoader:
     """A DataLoader over PerSampleDataset with the trainer's batch size, shuffled per epoch."""
-    generator = torch.Generator().manual_seed(trainer.config.seed * 1_000_003 + epoch)
+    generator = torch.Generator().manual_seed(stream_seed(trainer.config.seed, epoch, ORDER_STREAM))
     dataset = PerSampleDataset(trainer.train, **trainer.normalization)
     return DataLoader(dataset, batch_size=trainer.config.batch_size, shuffle=True, generator=generator,
                       num_workers=0, drop_last=len(dataset) % trainer.config.batch_size == 1)
@@ -78,7 +78,8 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
     for name, trainer in trainers.items():
         bar.set_postfix(warm_up=name)
         trainer.steps_per_epoch = steps
-        trainer.train_epoch(0, progress=False, batches=_take(trainer.batches(0), min(steps, 20)))  # warm-up
+        # warm-up: 20 steps let the allocator, oneDNN's kernel choices and cuDNN's autotuning settle
+        trainer.train_epoch(0, progress=False, batches=_take(trainer.batches(0), min(steps, 20)))
         bar.update()
     for repeat in range(repeats):
         for name in pipelines:
@@ -86,10 +87,10 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
             trainer = trainers[name]
             source = (iter(per_sample_loader(trainer, repeat + 1)) if name == "per-sample"
                       else trainer.batches(repeat + 1))
-            _sync(trainer.device)
+            sync_device(trainer.device)
             started = time.perf_counter()
             trainer.train_epoch(repeat + 1, progress=False, batches=_take(source, steps))
-            _sync(trainer.device)
+            sync_device(trainer.device)
             times[name].append((time.perf_counter() - started) * full / steps)
             bar.update()
     bar.close()
@@ -130,14 +131,14 @@ def time_inference(model: torch.nn.Module, images: torch.Tensor, mean: float, st
     predict_logits(model, sample[:batch_size], mean, std, batch_size, precision)  # warm-up
     rates = []
     for _ in range(repeats):
-        _sync(device)  # a GPU queues the work: time it until it is done
+        sync_device(device)  # a GPU queues the work: time it until it is done
         started = time.perf_counter()
         if batch_size == 1:
             for index in range(len(sample)):
                 predict_logits(model, sample[index:index + 1], mean, std, 1, precision)
         else:
             predict_logits(model, sample, mean, std, batch_size, precision)
-        _sync(device)
+        sync_device(device)
         rates.append(len(sample) / (time.perf_counter() - started))
     return statistics.median(rates)
 
@@ -154,11 +155,11 @@ def run_benchmark(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_b
     bar = _bar(3, "timing evaluation and inference", progress)
     evaluation = []
     for _ in range(repeats):
-        _sync(trainer.device)
+        sync_device(trainer.device)
         started = time.perf_counter()
         predict_logits(model, trainer.test.images, batch_size=config.eval_batch_size, precision=config.precision,
                        **stats)
-        _sync(trainer.device)
+        sync_device(trainer.device)
         evaluation.append(time.perf_counter() - started)
     bar.update()
     epoch = result["median_epoch_seconds"]["tensor"]
@@ -167,6 +168,7 @@ def run_benchmark(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_b
         "eval_seconds": statistics.median(evaluation),
         "eval_images": len(trainer.test),
     })
+    # Batch 1: 500 images, enough for a steady rate (each takes about a millisecond); batch 1024: the test split.
     for batch_size, count in ((1, 500), (1024, len(trainer.test))):
         result[f"infer_images_per_second_batch{batch_size}"] = time_inference(
             model, trainer.test.images, batch_size=batch_size, count=count, precision=config.precision,

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kmnist import __version__
-from kmnist.config import (FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file, option_flag, parse_scalar,
-                           resolve_config)
+from kmnist.config import (DATASETS, DEVICES, FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file,
+                           option_flag, parse_scalar, resolve_config, split_preset)
 from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.files import atomic_writer, machine_error
 
@@ -116,9 +116,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def config_values_from_args(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
     """(preset, fixed config fields) as given by --preset, --config and options, not yet resolved (for sweeps)."""
-    values = load_config_file(args.config) if args.config else {}
-    preset = args.preset or values.pop("preset", None)
-    values.pop("preset", None)
+    preset, values = split_preset(load_config_file(args.config) if args.config else {}, args.preset)
     values.update({name: getattr(args, name) for name in FIELDS
                    if name != "model_args" and getattr(args, name, None) is not None})
     model_args = parse_key_values(args.model_arg, "--model-arg")
@@ -714,6 +712,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from kmnist import runs
     from kmnist.report import write_report
 
     if args.out is None and len(args.dirs) != 1:
@@ -723,7 +722,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     result = write_report(args.dirs, out, vs=args.vs)
     print(result["markdown"])
     print(f"{result['runs']} finished run(s) in {result['groups']} configuration(s)"
-          + (f", {result['incomplete']} unfinished" if result["incomplete"] else "") + f"; written to {result['out']}:")
+          + (f", {result['incomplete']} unfinished" if result["incomplete"] else "")
+          + (f", {len(result['unreadable'])} folder(s) without {runs.CONFIG} left out (named in the notes)"
+             if result["unreadable"] else "") + f"; written to {result['out']}:")
     print(f"  {result['html']}   <- open this: the table and every figure in one file")
     for path in result["files"]:
         if path != result["html"]:
@@ -778,7 +779,7 @@ def build_parser() -> Parser:
     download = commands.add_parser("download", help="fetch and verify a dataset's official files",
                                    description="Fetch (if missing) and verify the official files of a dataset.")
     add_data_options(download)
-    download.add_argument("--dataset", choices=("kmnist", "k49"), default="kmnist", help="(default: kmnist)")
+    download.add_argument("--dataset", choices=DATASETS, default="kmnist", help="(default: kmnist)")
     download.add_argument("--format", choices=("idx", "npz", "all"), default=None,
                           help="file format to fetch and verify (default: the format already present, else idx for "
                                "kmnist and npz for k49)")
@@ -804,7 +805,7 @@ def build_parser() -> Parser:
                           help="test: the official test split (only its files are read); val: the validation "
                                "split the checkpoint's run held out of the training files (default: test)")
     evaluate.add_argument("--model", help="fail unless every checkpoint holds this model")
-    evaluate.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="(default: auto)")
+    evaluate.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
     evaluate.add_argument("--batch-size", type=int, default=1024, help="images per forward pass (default: 1024)")
     evaluate.add_argument("--out", metavar="DIR", help="folder for metrics.json and the confusion matrix "
                                                        "(default: beside the first checkpoint, one folder per evaluation: "

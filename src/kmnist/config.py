@@ -137,6 +137,8 @@ class TrainConfig:
             raise KmnistError(f"clean_epochs must be between 0 and epochs ({self.epochs}), got {self.clean_epochs}")
         if not isinstance(self.model_args, dict):
             raise KmnistError("model_args must be a table of name = value")
+        # A copy of its own: a change to the caller's dict afterwards does not change this config.
+        object.__setattr__(self, "model_args", dict(self.model_args))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -144,7 +146,7 @@ class TrainConfig:
 
 MAX_THREADS = 4096  # torch takes a C int; far more than any machine's cores
 
-# Random streams are seeded with (seed * 1_000_003 + epoch) * 8 + stream, which torch takes in 64 bits.
+# Random streams are seeded with train.stream_seed: (seed * 1_000_003 + epoch) * 8 + stream, which torch takes in 64 bits.
 SEED_LIMIT = 10**12
 
 
@@ -236,11 +238,27 @@ def preset_options(name: str) -> list[str]:
 PLACEMENT_FIELDS = ("device", "threads", "eval_batch_size", "compile")
 
 
+def complete_model_args(model: str, model_args: dict[str, Any]) -> dict[str, Any]:
+    """A model's arguments with its own defaults filled in, so `{}` and `{"patch": 4}` are the same when 4 is
+    the default; as saved where this version does not know the model or an argument."""
+    from kmnist.models import resolve_model_args
+
+    try:
+        return resolve_model_args(model, model_args)
+    except (KmnistError, KeyError):
+        return dict(model_args)
+
+
 def same_experiment(a: dict[str, Any], b: dict[str, Any]) -> bool:
     """Whether two saved configs describe the same computation (placement aside). A field missing from one,
-    saved before the field existed, counts as its default, which is what such a run computed."""
+    saved before the field existed, counts as its default, which is what such a run computed; model
+    arguments count with the model's defaults filled in."""
     defaults = TrainConfig().to_dict()
-    full = lambda d: {k: v for k, v in {**defaults, **d}.items() if k not in PLACEMENT_FIELDS}  # noqa: E731
+
+    def full(config: dict[str, Any]) -> dict[str, Any]:
+        config = {k: v for k, v in {**defaults, **config}.items() if k not in PLACEMENT_FIELDS}
+        return {**config, "model_args": complete_model_args(config["model"], config.get("model_args") or {})}
+
     return full(a) == full(b)
 
 
@@ -328,6 +346,13 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def split_preset(file_values: dict[str, Any] | None, preset: str | None) -> tuple[str | None, dict[str, Any]]:
+    """(the preset: the one given, else the config file's; the file's other values)."""
+    values = dict(file_values or {})
+    named = values.pop("preset", None)
+    return preset or named, values
+
+
 def resolve_config(
     preset: str | None = None,
     file_values: dict[str, Any] | None = None,
@@ -340,13 +365,10 @@ def resolve_config(
     width=8` keeps the preset's depth), and a layer that names another model starts from that
     model's own defaults.
     """
-    file_values = dict(file_values or {})
-    preset = overrides.get("preset") if overrides and overrides.get("preset") else preset
-    preset = preset or file_values.pop("preset", None)
-    file_values.pop("preset", None)
+    preset, file_values = split_preset(file_values, preset)
     if preset is not None and preset not in PRESETS:
         raise KmnistError(f"unknown preset {preset!r}; known: {', '.join(sorted(PRESETS))}")
-    given = {k: v for k, v in (overrides or {}).items() if v is not None and k != "preset"}
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
     config = base or TrainConfig()
     model, model_args = config.model, dict(config.model_args)
     values: dict[str, Any] = {}

@@ -292,6 +292,7 @@ def download_file(url: str, destination: Path, remote: RemoteFile, progress: boo
     from tqdm import tqdm
 
     # Connect first: a failed download leaves no folder behind (a mistyped --data-dir is not created).
+    # timeout: seconds to connect, and the longest wait for any one block of the file.
     with urllib.request.urlopen(url, timeout=30) as response, atomic_writer(destination) as out:
         total = int(response.headers.get("Content-Length") or 0) or remote.size
         digest = hashlib.md5()

@@ -19,7 +19,21 @@ from kmnist.train import select_device
 def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: str = "test",
                          device: str = "auto", expected_model: str | None = None, out: str | Path | None = None,
                          batch_size: int = 1024, check_md5: bool = True, tta: int = 1) -> dict[str, Any]:
-    """Metrics for the mean softmax of the given checkpoints; writes metrics.json and a confusion matrix PNG."""
+    """score_checkpoints, then its metrics.json and confusion matrix PNG written to `out` (default: a folder
+    beside the first checkpoint, default_folder_name); returns the metrics with the PNG's path."""
+    result = score_checkpoints(paths, data_dir, split, device, expected_model, batch_size, check_md5, tta)
+    out = Path(out) if out else Path(paths[0]).parent / default_folder_name(paths, split, tta)
+    png = plots.confusion_matrix(result["confusion_matrix"], result["class_names"], out / "confusion_matrix.png",
+                                 title=f"{split} confusion ({len(paths)} checkpoint(s))")
+    result["confusion_matrix_png"] = str(png)
+    runs.write_json(out / "metrics.json", result)
+    return result
+
+
+def score_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: str = "test", device: str = "auto",
+                      expected_model: str | None = None, batch_size: int = 1024, check_md5: bool = True,
+                      tta: int = 1) -> dict[str, Any]:
+    """Metrics for the mean softmax of the given checkpoints on a split (test, or the runs' validation split)."""
     if batch_size < 1:
         raise KmnistError(f"--batch-size must be at least 1, got {batch_size}")
     if not 1 <= tta <= len(TTA_SHIFTS):
@@ -58,9 +72,6 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
     probabilities /= len(models)
     predicted = probabilities.argmax(dim=1)
     confusion = confusion_matrix(predicted, labels, len(first["class_names"]))
-    out = Path(out) if out else Path(paths[0]).parent / default_folder_name(paths, split, tta)
-    png = plots.confusion_matrix(confusion.numpy(), first["class_names"], out / "confusion_matrix.png",
-                                 title=f"{split} confusion ({len(models)} checkpoint(s))")
     result = {
         "dataset": first["dataset"],
         "split": split,
@@ -71,12 +82,11 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         "accuracy": accuracy(predicted, labels),
         "balanced_accuracy": balanced_accuracy(confusion),
         "per_class_accuracy": dict(zip(first["class_names"], per_class_accuracy(confusion).tolist())),
+        "class_names": list(first["class_names"]),
         "confusion_matrix": confusion.tolist(),
-        "confusion_matrix_png": str(png),
     }
     if len(models) > 1:
         result.update(ensemble_gain(result, member_predictions, labels, len(first["class_names"]), paths))
-    runs.write_json(out / "metrics.json", result)
     return result
 
 

@@ -1,16 +1,23 @@
-"""Atomic file writes (write beside the target, then rename, so no reader ever sees half a file), and which
-failed writes are the machine's fault (a full disk, a read-only folder) rather than the code's."""
+"""Atomic file writes (write beside the target, then rename, so no reader ever sees half a file), which
+failed writes are the machine's fault (a full disk, a read-only folder) rather than the code's, and safe
+file names."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
 
 from kmnist.errors import exception_chain
+
+
+def folder_safe(text: str) -> str:
+    """`text` with every character a file or folder name should not hold (slashes, spaces, quotes, ...) as `_`."""
+    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
 
 
 def _umask() -> int:

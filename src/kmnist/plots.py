@@ -2,60 +2,68 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import matplotlib
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # files only; never a window
-matplotlib.rcParams["text.parse_math"] = False  # run names are text: "$" in one is not mathematics
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from kmnist.files import atomic_writer
 
-from kmnist.files import atomic_writer  # noqa: E402
+# Figures are made as matplotlib Figure objects, without pyplot: no backend or window, and nothing of the
+# caller's matplotlib (a notebook's backend, its rcParams) is changed by importing or using this module.
 
-_FONT_READY = False
+Plot = TypeVar("Plot", bound=Callable[..., Path])
 
 
-def _use_kana_font() -> None:
-    """Use a font with kana so class characters render (matplotlib's default has none)."""
-    global _FONT_READY
-    if _FONT_READY:
-        return
+def _kana_font() -> dict[str, Any]:
+    """rcParams for a font with kana, so class characters render (matplotlib's default has none)."""
     try:
-        import matplotlib_fontja  # noqa: F401  (registers IPAexGothic and makes it the default)
+        import matplotlib_fontja  # registers IPAexGothic (its own rc change is undone with the figure's context)
     except ImportError:  # characters then show as boxes, but the figure is still written
-        pass
-    _FONT_READY = True
+        return {}
+    return {"font.family": matplotlib_fontja.matplotlib_fontja.FONT_NAME}
 
 
-def _save(figure: plt.Figure, path: Path) -> Path:
+def _figure_settings(plot: Plot) -> Plot:
+    """Draw under this module's settings only: the kana font, and text as text ("$" in a run name is not
+    mathematics); the caller's rcParams are as they were afterwards."""
+    @functools.wraps(plot)
+    def drawn(*args: Any, **kwargs: Any) -> Path:
+        with matplotlib.rc_context({"text.parse_math": False}):
+            matplotlib.rcParams.update(_kana_font())
+            return plot(*args, **kwargs)
+    return drawn  # type: ignore[return-value]
+
+
+def _save(figure: Figure, path: Path) -> Path:
     path = Path(path)
-    try:
-        with atomic_writer(path) as out:  # a cut-off write leaves the previous figure, not half a file
-            figure.savefig(out, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
-    finally:
-        plt.close(figure)
+    with atomic_writer(path) as out:  # a cut-off write leaves the previous figure, not half a file
+        figure.savefig(out, format=path.suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
     return path
 
 
-def _epoch_axis(axis: plt.Axes, epochs: Sequence[int]) -> None:
+def _epoch_axis(axis: Axes, epochs: Sequence[int]) -> None:
     """Whole epochs on the x axis: no tick at 1.5, and a run of one epoch is not spread over 0.95-1.05."""
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))
     if epochs and min(epochs) == max(epochs):
         axis.set_xlim(min(epochs) - 1, max(epochs) + 1)
 
 
+@_figure_settings
 def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "", balanced: bool = False) -> Path:
     """Accuracy and loss per epoch for train, validation and test, side by side (the report's Fig 4.x).
 
     With `balanced` (imbalanced datasets such as K49), validation and test balanced accuracy are drawn too.
     """
-    _use_kana_font()  # run names may hold kana
     epochs = [row["epoch"] for row in history]
-    figure, (acc_axis, loss_axis) = plt.subplots(1, 2, figsize=(11, 4))
+    figure = Figure(figsize=(11, 4))
+    acc_axis, loss_axis = figure.subplots(1, 2)
     for split, style in (("train", "-"), ("val", "--"), ("test", ":")):
         accs = [row[f"{split}_acc"] for row in history]
         losses = [row[f"{split}_loss"] for row in history]
@@ -78,13 +86,14 @@ def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = 
     return _save(figure, path)
 
 
+@_figure_settings
 def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: Path, title: str = "") -> Path:
     """Row-normalised confusion matrix, axes labelled with the class characters."""
-    _use_kana_font()
     confusion = np.asarray(confusion, dtype=np.float64)
     rates = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1) * 100
     size = len(class_names)
-    figure, axis = plt.subplots(figsize=(max(5, size * 0.45), max(4.5, size * 0.4)))
+    figure = Figure(figsize=(max(5, size * 0.45), max(4.5, size * 0.4)))
+    axis = figure.subplots()
     image = axis.imshow(rates, cmap="Blues", vmin=0, vmax=100)
     figure.colorbar(image, ax=axis, label="% of true class")
     axis.set_xticks(range(size), class_names, fontsize=10 if size <= 10 else 6)
@@ -100,16 +109,17 @@ def confusion_matrix(confusion: np.ndarray, class_names: Sequence[str], path: Pa
     return _save(figure, path)
 
 
+@_figure_settings
 def confident_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
                        class_names: Sequence[str], path: Path, count: int = 36, title: str = "") -> Path:
     """A grid of the wrongly classified images with the highest predicted probability."""
-    _use_kana_font()
     predicted = probabilities.argmax(axis=1)
     wrong = np.nonzero(predicted != labels)[0]
     wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
     columns = 6
     rows = max(1, math.ceil(len(wrong) / columns))
-    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.6, rows * 1.9), squeeze=False)
+    figure = Figure(figsize=(columns * 1.6, rows * 1.9))
+    axes = figure.subplots(rows, columns, squeeze=False)
     for axis in axes.flat:
         axis.axis("off")
     for axis, index in zip(axes.flat, wrong):
@@ -121,11 +131,12 @@ def confident_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np
     return _save(figure, path)
 
 
+@_figure_settings
 def preprocessing_examples(befores: Sequence[np.ndarray], afters: Sequence[np.ndarray], before_titles: Sequence[str],
                            after_titles: Sequence[str], path: Path, title: str = "") -> Path:
     """Images as a person gives them (top row) and the 28x28 model inputs made from them (bottom row)."""
-    _use_kana_font()
-    figure, axes = plt.subplots(2, len(befores), figsize=(2.6 * len(befores), 5.6), squeeze=False)
+    figure = Figure(figsize=(2.6 * len(befores), 5.6))
+    axes = figure.subplots(2, len(befores), squeeze=False)
     for column, (before, after) in enumerate(zip(befores, afters)):
         top, bottom = axes[0, column], axes[1, column]
         top.imshow(before, cmap="gray", vmin=0, vmax=255)
@@ -141,12 +152,12 @@ def preprocessing_examples(befores: Sequence[np.ndarray], afters: Sequence[np.nd
     return _save(figure, path)
 
 
+@_figure_settings
 def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = "") -> Path:
     """Runs compared: validation accuracy, test accuracy and training loss per epoch, one line per configuration.
 
     Each curve is {"label", "epoch": [...], metric: (means, stds)}; the band is ± one std over seeds.
     """
-    _use_kana_font()
     # A panel only for what some run recorded: runs without a validation split (--val-size 0) have no
     # validation panel unless another run has one.
     panels = [(metric, label) for metric, label in (("val_acc", "validation accuracy (%)"),
@@ -155,7 +166,8 @@ def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = ""
               if any(not np.all(np.isnan(np.asarray(curve[metric][0], dtype=np.float64))) for curve in curves)]
     if not panels:  # nothing recorded at all: still one (empty) panel, so the figure is drawn
         panels = [("train_loss", "training loss (cross-entropy)")]
-    figure, axes = plt.subplots(1, len(panels), figsize=(16 * len(panels) / 3, 4.8), squeeze=False)
+    figure = Figure(figsize=(16 * len(panels) / 3, 4.8))
+    axes = figure.subplots(1, len(panels), squeeze=False)
     axes = axes[0]
     for curve in curves:
         for axis, (metric, _) in zip(axes, panels):
@@ -178,12 +190,13 @@ def overlay_curves(curves: Sequence[dict[str, Any]], path: Path, title: str = ""
     return _save(figure, path)
 
 
+@_figure_settings
 def accuracy_versus(setting: str, series: dict[str, tuple[Sequence[float], Sequence[float], Sequence[float]]],
                     path: Path, title: str = "", dashed: Sequence[str] = ()) -> Path:
     """Accuracy (mean ± std over seeds) against one numeric setting, e.g. the patch size: name -> (values of
     the setting, means, stds); a line is dashed where its name starts with one in `dashed`."""
-    _use_kana_font()
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure = Figure(figsize=(7, 4.5))
+    axis = figure.subplots()
     for name, (xs, means, stds) in series.items():
         axis.errorbar(xs, means, yerr=stds, marker="o", capsize=4,
                       linestyle="--" if name.startswith(tuple(dashed)) else "-", label=name)

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
-from kmnist.data import normalize
 from kmnist.errors import ImageError, KmnistError
 from kmnist.imageprep import Limits, prepare_file
+from kmnist.metrics import predict_logits
 
 
 class Classifier:
@@ -35,14 +35,12 @@ class Classifier:
         return len(self.class_names)
 
     def probabilities(self, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
-        """uint8 (N, 28, 28) -> float32 (N, classes) softmax probabilities."""
-        outputs = []
-        with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                batch = normalize(torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])),
-                                  self.mean, self.std)
-                outputs.append(torch.softmax(self.model(batch), dim=1).numpy())
-        return np.concatenate(outputs) if outputs else np.zeros((0, self.num_classes), dtype=np.float32)
+        """uint8 (N, 28, 28) -> float32 (N, classes) softmax probabilities (computed in fp32)."""
+        if not len(images):
+            return np.zeros((0, self.num_classes), dtype=np.float32)
+        logits = predict_logits(self.model, torch.from_numpy(np.ascontiguousarray(images)), self.mean, self.std,
+                                batch_size=batch_size, precision="fp32")
+        return torch.softmax(logits, dim=1).numpy()
 
     def top_k(self, probabilities: np.ndarray, k: int) -> list[dict[str, Any]]:
         """The k most probable classes of one image's probabilities, most probable first."""

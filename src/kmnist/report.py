@@ -17,6 +17,7 @@ from typing import Any, Iterable
 from kmnist import plots, runs
 from kmnist.data import is_balanced
 from kmnist.errors import KmnistError
+from kmnist.files import folder_safe
 from kmnist.results import (METRICS, TABLE_FIELDS, Group, Results, Run, collect, format_setting, group_curves,
                             versus_field)
 
@@ -26,23 +27,38 @@ HTML = "report.html"
 OVERLAY = "overlay.png"
 CURVES = "curves"
 
-NOTES = (
-    "Mean ± sample standard deviation over seeds (n − 1 in the denominator); *seeds* is the number of runs.",
-    "*Test acc at best val epoch*: the test accuracy of the epoch with the best validation accuracy (balanced "
-    "accuracy for imbalanced datasets such as K49) — "
-    "the honest estimate, since the epoch is chosen without looking at the test set.",
-    "*Max test acc*: the highest test accuracy over all epochs — the epoch is chosen **on the test set**, as the "
-    "report measured it. It is optimistic and is shown only to compare with the report.",
-    "*Seconds*: training time per run (epochs only, evaluation excluded).",
-    "*Final test acc* (shown when some runs hold out no validation split): the test accuracy after the last "
-    "epoch, the result of a fixed recipe where nothing is chosen after training.",
-    "*Test balanced acc* (imbalanced datasets such as K49): mean of the per-class test accuracies of the epoch "
-    "with the best validation balanced accuracy, the dataset's official score; accuracy columns stand beside it. "
-    "*Final test balanced acc*: the same after the last epoch, for runs that hold out no validation split.",
-)
 BALANCED_COLUMN = "test balanced acc at best val epoch (%)"
 FINAL_COLUMN = "final test acc (%)"
 FINAL_BALANCED_COLUMN = "final test balanced acc (%)"
+# The table's notes, each with the column it explains (None: always shown); a note is shown with its column.
+NOTES = (
+    (None, "Mean ± sample standard deviation over seeds (n − 1 in the denominator); *seeds* is the number of runs."),
+    (None, "*Test acc at best val epoch*: the test accuracy of the epoch with the best validation accuracy "
+           "(balanced accuracy for imbalanced datasets such as K49) — "
+           "the honest estimate, since the epoch is chosen without looking at the test set."),
+    (None, "*Max test acc*: the highest test accuracy over all epochs — the epoch is chosen **on the test set**, as "
+           "the report measured it. It is optimistic and is shown only to compare with the report."),
+    (None, "*Seconds*: training time per run (epochs only, evaluation excluded)."),
+    (FINAL_COLUMN, "*Final test acc* (shown when some runs hold out no validation split): the test accuracy after "
+                   "the last epoch, the result of a fixed recipe where nothing is chosen after training."),
+    (BALANCED_COLUMN, "*Test balanced acc* (imbalanced datasets such as K49): mean of the per-class test accuracies "
+                      "of the epoch with the best validation balanced accuracy, the dataset's official score; "
+                      "accuracy columns stand beside it."),
+    (FINAL_BALANCED_COLUMN, "*Final test balanced acc*: the same after the last epoch, for runs that hold out no "
+                            "validation split."),
+)
+
+
+def table_notes(results: Results) -> list[str]:
+    """The notes (Markdown) of the columns this table shows."""
+    columns = table_columns(results)
+    return [text for column, text in NOTES if column is None or column in columns]
+
+
+def unreadable_text(results: Results) -> str:
+    names = ", ".join(str(path) for path in results.unreadable)
+    return (f"Left out ({len(results.unreadable)} folder(s) with run files but no {runs.CONFIG}, so no settings to "
+            f"group them by): {names}")
 
 
 def format_stat(stat: tuple[float, float | None], digits: int = 2) -> str:
@@ -102,7 +118,7 @@ def markdown(results: Results) -> str:
         escape = lambda text: text.replace("|", "\\|")  # noqa: E731
         lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
         lines += ["| " + " | ".join(escape(row[c]) for c in columns) + " |" for row in table_rows(results)]
-        lines += ["", *(f"- {note}" for note in NOTES)]
+        lines += ["", *(f"- {note}" for note in table_notes(results))]
     if results.hardware:
         lines.append(f"- Hardware: {'; '.join(results.hardware)}.")
     for group in results.groups:
@@ -110,6 +126,8 @@ def markdown(results: Results) -> str:
             lines.append(f"- {group.label}: {repeated_text(group)}.")
     if results.incomplete:
         lines.append(f"- {incomplete_text(results)}.")
+    if results.unreadable:
+        lines.append(f"- {unreadable_text(results)}.")
     return "\n".join(lines) + "\n"
 
 
@@ -157,7 +175,7 @@ def csv_text(results: Results) -> str:
 
 def file_stem(name: str) -> str:
     """A file name for `name`; names that had to be changed get a digest of the original, so two never meet."""
-    stem = re.sub(r"[^A-Za-z0-9_.,=+-]", "_", name)
+    stem = folder_safe(name)
     return stem if stem == name else f"{stem}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
@@ -236,7 +254,7 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str])
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in columns) + "</tr>"
                    for row in table_rows(results))
-    notes = "".join(f"<li>{_inline_markdown(note)}</li>" for note in NOTES)
+    notes = "".join(f"<li>{_inline_markdown(note)}</li>" for note in table_notes(results))
     if results.hardware:
         notes += f"<li>Hardware: {html.escape('; '.join(results.hardware))}.</li>"
     notes += "".join(f"<li>{html.escape(group.label)}: {html.escape(repeated_text(group))}.</li>"
@@ -258,6 +276,8 @@ def html_page(results: Results, figures: dict[str, Any], sources: Iterable[str])
         parts.append("<p>No finished runs yet: nothing to tabulate.</p>")
     if results.incomplete:
         parts.append(f"<p>{html.escape(incomplete_text(results))}.</p>")
+    if results.unreadable:
+        parts.append(f"<p>{html.escape(unreadable_text(results))}.</p>")
     if "versus" in figures:
         setting = html.escape(figures["versus_setting"])
         parts += [f"<h2>Accuracy against {setting}</h2>",
@@ -310,5 +330,5 @@ def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None
             "curves": len(figures["curves"]), "unfinished_curves": len(figures["unfinished"]),
             "groups": len(results.groups),
             "runs": sum(len(group.runs) for group in results.groups), "incomplete": len(results.incomplete),
-            "versus": figures.get("versus_setting")}
+            "unreadable": [str(path) for path in results.unreadable], "versus": figures.get("versus_setting")}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from kmnist import runs
-from kmnist.config import PLACEMENT_FIELDS, PRESETS, TrainConfig, resolve_config
+from kmnist.config import PLACEMENT_FIELDS, PRESETS, TrainConfig, complete_model_args, resolve_config
 from kmnist.errors import KmnistError
 
 IGNORED_FIELDS = ("seed", *PLACEMENT_FIELDS)  # runs that differ only in these are repeats of one configuration
@@ -67,6 +67,7 @@ class Results:
     progress: dict[str, list[dict[str, Any]]]  # unfinished run name -> its epochs so far, for those with any
     varying: list[str]  # settings that differ between groups
     hardware: list[str]
+    unreadable: list[Path] = field(default_factory=list)  # folders with run files but no config.json
 
 
 def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
@@ -88,6 +89,16 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
     for path in found:
         unique.setdefault(path.resolve(), path)
     return list(unique.values())
+
+
+def folders_without_config(paths: Iterable[str | Path]) -> list[Path]:
+    """Folders below `paths` holding a run's files (summary.json or metrics.csv) but no config.json: not runs
+    this version can group, left out of a report, and named there so they are not missed."""
+    found = set()
+    for path in map(Path, paths):
+        for name in (runs.SUMMARY, runs.METRICS):
+            found.update(file.parent for file in path.rglob(name) if not (file.parent / runs.CONFIG).is_file())
+    return sorted(found)
 
 
 def _read_record(path: Path, optional: bool = False) -> dict[str, Any] | None:
@@ -124,14 +135,8 @@ def settings_of(config: dict[str, Any]) -> dict[str, Any]:
     So `{}` and `{"patch": 4}` are the same setting when 4 is the model's default, and a run saved before a
     field existed has that field's default, as for `config.same_experiment`.
     """
-    from kmnist.models import resolve_model_args
-
     config = {**TrainConfig().to_dict(), **config}  # a field saved before it existed counts as its default
-    model_args = dict(config.get("model_args") or {})
-    try:
-        model_args = resolve_model_args(config["model"], model_args)
-    except (KmnistError, KeyError):  # a model this version does not know: keep the saved arguments
-        pass
+    model_args = complete_model_args(config["model"], dict(config.get("model_args") or {}))
     flat = {name: value for name, value in config.items() if name not in IGNORED_FIELDS and name != "model_args"}
     flat.update({f"model_args.{name}": value for name, value in sorted(model_args.items())})
     return flat
@@ -201,7 +206,8 @@ def collect(paths: Iterable[str | Path]) -> Results:
     hardware = sorted({hardware_summary(env) for run in all_runs if run.complete and run.environment
                        for env in sessions(run.environment)})
     incomplete = [run for run in all_runs if not run.complete]
-    return Results(groups, incomplete, progress=unfinished_histories(incomplete), varying=varying, hardware=hardware)
+    return Results(groups, incomplete, progress=unfinished_histories(incomplete), varying=varying, hardware=hardware,
+                   unreadable=folders_without_config(paths))
 
 
 def unfinished_histories(incomplete: list[Run]) -> dict[str, list[dict[str, Any]]]:

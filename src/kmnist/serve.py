@@ -45,6 +45,8 @@ class ServeOptions:
     data_dir: Path | None = None  # where the dataset's test split may be found, for "random test image"
     check_md5: bool = True
     top_k: int = 5  # classes per answer when a request does not ask
+    # Tighter than predict's limits for local files (20 MB, 50 MP): uploads come from anyone who can reach
+    # the port, several at once, and a drawing or photo of one character needs far less.
     max_upload_bytes: int = 5 * 2**20  # request body limit
     max_pixels: int = 16_000_000  # width * height, checked before decoding
 

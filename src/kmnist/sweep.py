@@ -139,6 +139,7 @@ def quiet_optuna() -> None:
 def open_storage(url: str, heartbeat_seconds: int):
     import optuna
 
+    # SQLite: seconds a worker waits for another's write lock before failing (several workers share one file).
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     try:
         with warnings.catch_warnings():
@@ -289,7 +290,8 @@ def objective_value(summary: dict[str, Any]) -> float:
     return float(value if value is not None else summary["final_train_acc"])
 
 
-def epoch_value(row: dict[str, Any], column: str = "val_acc") -> float:
+def epoch_value(row: dict[str, Any], column: str) -> float:
+    """The epoch's validation score in `column`; its training accuracy when nothing is held out."""
     value = row[column]
     return float(row["train_acc"] if value != value else value)  # NaN without a validation split
 

@@ -19,6 +19,7 @@ from typing import Any, Iterable
 from kmnist.config import (FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, coerce, option_flag, parse_scalar,
                            read_user_text, resolve_config)
 from kmnist.errors import KmnistError
+from kmnist.files import folder_safe
 
 METHODS = ("grid", "random", "tpe")
 PRESET_AXIS = "preset"  # sweeps over whole named configurations
@@ -360,11 +361,6 @@ def format_value(value: Any) -> str:
     if isinstance(value, float):
         return format(value, ".6g")
     return str(value)
-
-
-def folder_safe(text: str) -> str:
-    """`text` with every character a folder name should not hold (slashes, spaces, quotes, ...) as `_`."""
-    return re.sub(r"[^A-Za-z0-9_.,=+-]", "_", text)
 
 
 def trial_name(spec: SweepSpec, point: dict[str, Any]) -> str:

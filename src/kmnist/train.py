@@ -27,6 +27,18 @@ from kmnist.metrics import (accuracy, autocast_for, balanced_accuracy, confusion
 from kmnist.models import create_model, resolve_model_args
 
 
+# Random streams: each (seed, epoch, purpose) seeds a generator of its own, so a resumed run draws the same
+# numbers. The stride is a prime above any epoch count, so no two (seed, epoch) pairs share a seed.
+EPOCH_STRIDE = 1_000_003
+STREAMS = 8  # purposes per epoch, room to spare
+ORDER_STREAM, AUGMENT_STREAM, MIX_STREAM = 0, 1, 2  # batch order, random warps and erasing, mixup/cutmix
+
+
+def stream_seed(seed: int, epoch: int, stream: int) -> int:
+    """The seed of one random stream; config.SEED_LIMIT keeps it within torch's 64 bits."""
+    return (seed * EPOCH_STRIDE + epoch) * STREAMS + stream
+
+
 def training_device(config: TrainConfig) -> torch.device:
     """The device a config trains on; a one-line error where it cannot (no CUDA, or a CUDA graph on a CPU)."""
     device = select_device(config.device)
@@ -95,7 +107,8 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait until a GPU has done the work queued on it (timings and results read after it are final)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -228,7 +241,7 @@ class Trainer:
 
     def generator(self, epoch: int, stream: int) -> torch.Generator:
         """A random stream fixed by (seed, epoch, purpose), so a resumed run draws the same numbers."""
-        return torch.Generator(device=self.device).manual_seed((self.config.seed * 1_000_003 + epoch) * 8 + stream)
+        return torch.Generator(device=self.device).manual_seed(stream_seed(self.config.seed, epoch, stream))
 
     # --- one epoch -------------------------------------------------------------------------------
 
@@ -239,12 +252,12 @@ class Trainer:
     def batches(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """This epoch's training batches: indexing the uint8 tensor on the device, normalised as a batch."""
         config = self.config
-        generator = self.generator(epoch, 0)
+        generator = self.generator(epoch, ORDER_STREAM)
         if self.sample_weights is not None:  # class-balanced: each class equally likely per draw
             order = torch.multinomial(self.sample_weights, len(self.train), replacement=True, generator=generator)
         else:
             order = torch.randperm(len(self.train), generator=generator, device=self.device)
-        augment_generator = self.generator(epoch, 1)
+        augment_generator = self.generator(epoch, AUGMENT_STREAM)
         augmenting = (self.augment.warps or self.augment.erase) and not self.is_clean_epoch(epoch)
         for step in range(self.steps_per_epoch):
             index = order[step * config.batch_size:(step + 1) * config.batch_size]
@@ -269,7 +282,7 @@ class Trainer:
         bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
                    disable=None if progress else True, unit="batch", dynamic_ncols=True)
         mixing = (config.mixup > 0 or config.cutmix > 0) and not self.is_clean_epoch(epoch)
-        mix_generator = self.generator(epoch, 2)
+        mix_generator = self.generator(epoch, MIX_STREAM)
         for step, (images, labels) in enumerate(self.batches(epoch) if batches is None else batches):
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
             if self.graphed is not None and len(labels) == self.graphed.batch_size:
@@ -336,12 +349,12 @@ class Trainer:
         """
         if self.config.compile == "off":
             return 0.0
-        _sync(self.device)
+        sync_device(self.device)
         started = time.perf_counter()
         if self.config.compile in GRAPH_MODES:  # batches of other sizes (the last, shorter one) run eagerly
             with self._compile_errors():
                 self.graphed = GraphedStep(self, min(self.config.batch_size, len(self.train)))
-            _sync(self.device)
+            sync_device(self.device)
             return time.perf_counter() - started
         # The sizes `batches` yields: the first batch's and the last's (shorter where the split does not divide).
         size, last = self.config.batch_size, self.steps_per_epoch - 1
@@ -359,7 +372,7 @@ class Trainer:
                         logits = self.forward(images)
                     self.loss(logits.float(), labels).backward()
         self.optimizer.zero_grad(set_to_none=True)
-        _sync(self.device)
+        sync_device(self.device)
         return time.perf_counter() - started
 
     @contextmanager
@@ -482,8 +495,9 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train `config.model` on `dataset`; returns one dict of metrics per epoch.
 
-    With a run_dir, every finished epoch rewrites metrics.csv and last.pt (atomically), and best.pt
-    follows the best validation accuracy, so an interrupted run loses at most the epoch in progress.
+    With a run_dir, every finished epoch rewrites metrics.csv and last.pt (atomically), and best.pt follows
+    the best validation score (accuracy; balanced accuracy for K49), or the last epoch when nothing is
+    held out, so an interrupted run loses at most the epoch in progress.
     """
     trainer = Trainer(config, dataset)
     run_dir = Path(run_dir) if run_dir is not None else None
@@ -497,10 +511,10 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         runs.write_metrics(run_dir, trainer.history)
     compile_seconds = trainer.warm_up() if start <= config.epochs else 0.0
     for epoch in range(start, config.epochs + 1):
-        _sync(trainer.device)
+        sync_device(trainer.device)
         started = time.perf_counter()
         train_loss, train_acc = trainer.train_epoch(epoch, progress)
-        _sync(trainer.device)
+        sync_device(trainer.device)
         trained = time.perf_counter()
         if not math.isfinite(train_loss):
             where = f"; the last good checkpoint is {run_dir / runs.LAST}" if run_dir and epoch > 1 else ""
