@@ -702,3 +702,29 @@ def test_command_line_defaults_are_the_library_defaults() -> None:
     export = parser.parse_args(["export", "ckpt.pt", "--onnx", "m.onnx"])
     assert (export.batch_size, export.tolerance) == (default(export_checkpoint, "batch_size"),
                                                      default(export_checkpoint, "tolerance"))
+
+
+def test_a_stop_that_a_library_turns_into_an_error_of_its_own_is_an_interruption(data_dir: Path, tmp_path: Path,
+                                                                                  monkeypatch, capsys) -> None:
+    import kmnist.runner
+
+    def cut_off_import(*args, **kwargs):  # Ctrl-C while matplotlib's backend is being imported
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+
+    real_figures = kmnist.runner.write_run_figures
+    monkeypatch.setattr(kmnist.runner, "write_run_figures", cut_off_import)
+    run_dir = tmp_path / "run"
+    common = ["--data-dir", str(data_dir), "--skip-md5"]
+    code, out, err = run_cli(["train", *common, "--out", str(run_dir), *SMALL], capsys)
+    assert code == 130 and "Traceback" not in err, err
+    assert "interrupted; finished epochs are saved. Continue with: kmnist train --resume" in err
+    monkeypatch.setattr(kmnist.runner, "write_run_figures", real_figures)
+    code, out, err = run_cli(["train", "--resume", str(run_dir), *common], capsys)
+    assert code == 0, err
+    assert (run_dir / "learning_curves.png").is_file()
+    monkeypatch.setattr("kmnist.report.write_report", cut_off_import)  # any other command: one line, 130
+    code, out, err = run_cli(["report", str(run_dir)], capsys)
+    assert code == 130 and err.strip() == "kmnist report: interrupted"

@@ -374,3 +374,23 @@ def test_notes_explain_only_the_columns_shown_and_folders_without_a_config_are_n
     assert "1 folder(s) without config.json left out" in out
     assert f"Left out (1 folder(s) with run files but no config.json, so no settings to group them by): {copied}" in out
     assert str(copied) in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+
+
+def test_learning_curves_mark_the_epoch_chosen_by_validation(tmp_path: Path, monkeypatch) -> None:
+    from kmnist import plots
+
+    drawn = []
+    real_save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, path: drawn.append(figure) or real_save(figure, path))
+    nan = float("nan")
+    row = lambda epoch, val, val_bal: {"epoch": epoch, "train_loss": 1.0, "train_acc": 90.0, "val_loss": 1.0,  # noqa: E731
+                                       "val_acc": val, "val_bal_acc": val_bal, "test_loss": 1.0, "test_acc": 99.0 - epoch,
+                                       "test_bal_acc": 90.0}
+    history = [row(1, 80.0, 70.0), row(2, 85.0, 75.0), row(3, 85.0, 72.0), row(4, 84.0, 76.0)]
+    plots.learning_curves(history, tmp_path / "a.png")  # the first of the best (epoch 2), not the test's epoch 1
+    plots.learning_curves(history, tmp_path / "k49.png", balanced=True)  # K49: by balanced accuracy
+    plots.learning_curves([row(e, nan, nan) for e in (1, 2)], tmp_path / "none.png")  # nothing held out
+    labels = [[text.get_text() for text in figure.axes[0].get_legend().get_texts()] for figure in drawn]
+    assert "chosen by validation (epoch 2)" in labels[0]
+    assert "chosen by validation (epoch 4)" in labels[1]
+    assert not any(label.startswith("chosen") for label in labels[2])

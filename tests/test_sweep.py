@@ -238,6 +238,29 @@ def test_a_full_disk_stops_the_sweep_and_leaves_its_point_to_the_same_command(da
     assert "2/2 runs complete" in stdout and "failed" not in stdout
 
 
+def test_a_stop_inside_a_library_leaves_its_point_unfinished_not_failed(data_dir: Path, tmp_path: Path, capsys,
+                                                                         monkeypatch) -> None:
+    import kmnist.runner
+
+    out = tmp_path / "sweep"
+    command = ["sweep", "--grid", "lr=0.003,0.01", "--data-dir", str(data_dir), "--skip-md5", "--out", str(out),
+               *WITHOUT_EPOCHS, "--epochs", "1"]
+
+    def cut_off_import(*args, **kwargs):  # Ctrl-C while a library is importing: its own ImportError
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as stop:
+            raise ImportError("initialization failed") from stop
+
+    monkeypatch.setattr(kmnist.runner, "train_run", cut_off_import)
+    code, _, err = run_cli(command, capsys)
+    assert code == 130 and "Traceback" not in err and "interrupted; finished trials are saved" in err
+    monkeypatch.undo()
+    code, stdout, err = run_cli(command, capsys)  # the same command runs the point: it was not marked failed
+    assert code == 0, err
+    assert "2/2 runs complete" in stdout and "failed" not in stdout
+
+
 def test_a_sweep_database_that_cannot_be_written_is_one_line(tmp_path: Path, monkeypatch) -> None:
     import sqlite3
 

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 from kmnist import __version__
 from kmnist.config import (DATASETS, DEVICES, FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file,
                            option_flag, parse_scalar, resolve_config, split_preset)
-from kmnist.errors import KmnistError, KmnistWarning
+from kmnist.errors import KmnistError, KmnistWarning, interrupted
 from kmnist.files import atomic_writer, machine_error
 
 EPOCH_COLUMNS = (("epoch", "{:>5}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"), ("val_loss", "{:>8.4f}"),
@@ -394,7 +394,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     except BaseException as error:
         if not (run_dir / runs.CONFIG).exists():  # stopped before the run began: no empty folder left behind
             remove_empty_folders(claimed)
-        if not isinstance(error, KeyboardInterrupt):
+        if not interrupted(error):
             raise
         again = resume_command(args, config, run_dir)
         if (run_dir / runs.LAST).is_file():
@@ -679,12 +679,14 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     try:
         result = sweep.run_sweep(spec, placement, progress=show_progress(args),
                                  on_trial=lambda event: tqdm.write(format_trial(event)), on_start=on_start)
-    except KeyboardInterrupt:
-        print("\ninterrupted; finished trials are saved. Continue with the same command "
-              f"(--out {shlex.quote(str(out))}).", file=sys.stderr)
-        return 130
-    except Exception as error:  # the study's database refused a read or a write
-        failure = sweep.storage_failure(error, placement)
+    except BaseException as error:
+        if interrupted(error):
+            print("\ninterrupted; finished trials are saved. Continue with the same command "
+                  f"(--out {shlex.quote(str(out))}).", file=sys.stderr)
+            return 130
+        if not isinstance(error, Exception):
+            raise
+        failure = sweep.storage_failure(error, placement)  # the study's database refused a read or a write
         if failure is None:
             raise
         raise failure from None
@@ -1017,6 +1019,8 @@ def run_command(argv: Sequence[str] | None = None) -> int:
         path = error.filename if error.filename2 is None else f"{error.filename} -> {error.filename2}"
         print(f"kmnist {args.command}: error: {path}: {error.strerror or error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except BaseException as error:
+        if not interrupted(error):
+            raise
         print(f"kmnist {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -33,6 +33,12 @@ class ImageError(KmnistError):
         self.kind = kind
 
 
+def interrupted(error: BaseException) -> bool:
+    """Whether `error` is a stop (Ctrl-C, or `kill`, which raises KeyboardInterrupt) or was caused by one: a
+    library cut off mid-import by it raises an ImportError of its own (matplotlib's backend does)."""
+    return any(isinstance(link, KeyboardInterrupt) for link in exception_chain(error))
+
+
 def exception_chain(error: BaseException) -> Iterator[BaseException]:
     """`error`, then what it was raised from or while handling, and so on (each once)."""
     seen: set[int] = set()

@@ -57,9 +57,11 @@ def _epoch_axis(axis: Axes, epochs: Sequence[int]) -> None:
 
 @_figure_settings
 def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = "", balanced: bool = False) -> Path:
-    """Accuracy and loss per epoch for train, validation and test, side by side (the report's Fig 4.x).
+    """Accuracy and loss per epoch for train, validation and test, side by side (the report's Fig 4.x), with the
+    epoch chosen by validation marked.
 
-    With `balanced` (imbalanced datasets such as K49), validation and test balanced accuracy are drawn too.
+    With `balanced` (imbalanced datasets such as K49), validation and test balanced accuracy are drawn too, and
+    the chosen epoch is the best by validation balanced accuracy.
     """
     epochs = [row["epoch"] for row in history]
     figure = Figure(figsize=(11, 4))
@@ -75,6 +77,12 @@ def learning_curves(history: Sequence[dict[str, Any]], path: Path, title: str = 
         if balanced and not all(math.isnan(v) for v in balanced_accs):
             acc_axis.plot(epochs, balanced_accs, style, marker="s", markersize=3, alpha=0.6,
                           color=lines[0].get_color(), label=f"{split} (balanced)")
+    # The epoch the run's result is taken from: the first with the best validation score (as training chose it).
+    scores = np.array([row.get("val_bal_acc" if balanced else "val_acc", math.nan) for row in history], dtype=float)
+    if len(scores) and not np.all(np.isnan(scores)):
+        chosen = epochs[int(np.nanargmax(scores))]
+        for axis in (acc_axis, loss_axis):
+            axis.axvline(chosen, color="0.4", linestyle="-.", linewidth=1, label=f"chosen by validation (epoch {chosen})")
     acc_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     loss_axis.set(xlabel="epoch", ylabel="cross-entropy", title="loss")
     for axis in (acc_axis, loss_axis):

@@ -40,7 +40,7 @@ from typing import IO, Any, Callable, Iterator
 from kmnist import __version__, runs
 from kmnist.config import same_experiment
 from kmnist.data import selection_metric
-from kmnist.errors import KmnistError, KmnistWarning, exception_chain
+from kmnist.errors import KmnistError, KmnistWarning, exception_chain, interrupted
 from kmnist.files import machine_error
 from kmnist.sweep_spec import (SEED, SweepSpec, check_points, corner_points, grid_points, planned_points,
                                format_value, point_config, search_space, trial_name)
@@ -511,6 +511,8 @@ class Worker:
         except (optuna.TrialPruned, optuna.exceptions.UpdateFinishedTrialError):
             raise  # skipped, or failed by another worker as stale: the rerun resumes the run directory
         except Exception as error:  # the point ends with this error (unless --retry-failed in a later command)
+            if interrupted(error):  # a stop that a library turned into an error of its own: the point is unfinished
+                raise KeyboardInterrupt from error
             if machine_error(error) is not None or storage_failure(error, self.placement) is not None:
                 self.stopped_by = error  # not the point's fault: left unfinished, for the same command to resume
                 raise
@@ -643,13 +645,13 @@ def worker_process(spec_data: dict[str, Any], placement: SweepPlacement, parent:
     quiet_optuna()
     try:
         Worker(SweepSpec.from_dict(spec_data), placement).run()
-    except KeyboardInterrupt:
-        sys.exit(130)
     except KmnistError as error:
         print(f"kmnist sweep worker: error: {error}", file=sys.stderr)
         sys.exit(error.exit_code)
-    except Exception as error:
-        failure = storage_failure(error, placement)
+    except BaseException as error:
+        if interrupted(error):
+            sys.exit(130)
+        failure = storage_failure(error, placement) if isinstance(error, Exception) else None
         if failure is None:
             raise
         print(f"kmnist sweep worker: error: {failure}", file=sys.stderr)
