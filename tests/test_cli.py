@@ -728,3 +728,24 @@ def test_a_stop_that_a_library_turns_into_an_error_of_its_own_is_an_interruption
     monkeypatch.setattr("kmnist.report.write_report", cut_off_import)  # any other command: one line, 130
     code, out, err = run_cli(["report", str(run_dir)], capsys)
     assert code == 130 and err.strip() == "kmnist report: interrupted"
+
+
+def test_evaluate_scores_in_the_precision_each_checkpoint_trained_in(tiny_checkpoint: Path, data_dir: Path,
+                                                                     tmp_path: Path, capsys) -> None:
+    payload = torch.load(tiny_checkpoint, weights_only=True)
+    payload["config"]["precision"] = "fp32"
+    fp32 = tmp_path / "fp32.pt"
+    torch.save(payload, fp32)
+    common = ["--data-dir", str(data_dir), "--skip-md5", "--json"]
+    results = {}
+    for name, extra in (("own", []), ("asked-fp32", ["--precision", "fp32"]), ("asked-bf16", ["--precision", "bf16"])):
+        code, out, err = run_cli(["evaluate", str(fp32), *common, "--out", str(tmp_path / name), *extra], capsys)
+        assert code == 0, err
+        results[name] = json.loads(out)
+    assert results["own"]["precision"] == results["asked-fp32"]["precision"] == ["fp32"]
+    assert results["own"]["accuracy"] == results["asked-fp32"]["accuracy"]
+    assert results["asked-bf16"]["precision"] == ["bf16"]
+    code, out, err = run_cli(["evaluate", str(fp32), str(tiny_checkpoint), *common, "--out", str(tmp_path / "both")],
+                             capsys)
+    assert code == 0, err
+    assert json.loads(out)["precision"][0] == "fp32" and len(json.loads(out)["precision"]) == 2

@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from kmnist import __version__
-from kmnist.config import (DATASETS, DEVICES, FIELDS, PLACEMENT_FIELDS, PRESETS, TrainConfig, load_config_file,
-                           option_flag, parse_scalar, resolve_config, split_preset)
+from kmnist.config import (DATASETS, DEVICES, FIELDS, PLACEMENT_FIELDS, PRECISIONS, PRESETS, TrainConfig,
+                           load_config_file, option_flag, parse_scalar, resolve_config, split_preset)
 from kmnist.errors import KmnistError, KmnistWarning, interrupted
 from kmnist.files import atomic_writer, machine_error
 
@@ -417,12 +417,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     check_output_folder(args.out, "--out")
     result = evaluate_checkpoints(args.checkpoints, data_dir_from_args(args), split=args.split,
                                   device=args.device or "auto", expected_model=args.model, out=args.out,
-                                  batch_size=args.batch_size, check_md5=not args.skip_md5, tta=args.tta)
+                                  batch_size=args.batch_size, check_md5=not args.skip_md5, tta=args.tta,
+                                  precision=args.precision)
     if args.json:
         print(json.dumps(result, indent=2, ensure_ascii=False))
         return 0
     print(f"{result['split']} split of {result['dataset']}: {result['count']} images, "
-          f"{len(result['checkpoints'])} checkpoint(s), {result['tta_views']} view(s) each")
+          f"{len(result['checkpoints'])} checkpoint(s), {result['tta_views']} view(s) each, "
+          f"{'/'.join(sorted(set(result['precision'])))}")
     print(f"  accuracy           {result['accuracy']:.2f}%")
     print(f"  balanced accuracy  {result['balanced_accuracy']:.2f}%")
     if "members" in result:
@@ -808,6 +810,9 @@ def build_parser() -> Parser:
                                "split the checkpoint's run held out of the training files (default: test)")
     evaluate.add_argument("--model", help="fail unless every checkpoint holds this model")
     evaluate.add_argument("--device", choices=DEVICES, default="auto", help="(default: auto)")
+    evaluate.add_argument("--precision", choices=PRECISIONS, default=None,
+                          help="of the forward passes (default: each checkpoint's own, as its run scored it "
+                               "while training; auto = bf16 on GPUs and CPUs with bf16 units)")
     evaluate.add_argument("--batch-size", type=int, default=1024, help="images per forward pass (default: 1024)")
     evaluate.add_argument("--out", metavar="DIR", help="folder for metrics.json and the confusion matrix "
                                                        "(default: beside the first checkpoint, one folder per evaluation: "

@@ -10,18 +10,20 @@ import torch
 
 from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
+from kmnist.config import PRECISIONS
 from kmnist.data import load_dataset, split_validation
 from kmnist.errors import KmnistError
-from kmnist.metrics import TTA_SHIFTS, accuracy, balanced_accuracy, confusion_matrix, per_class_accuracy, predict_logits
+from kmnist.metrics import TTA_SHIFTS, accuracy, uses_bf16, balanced_accuracy, confusion_matrix, per_class_accuracy, predict_logits
 from kmnist.train import select_device
 
 
 def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: str = "test",
                          device: str = "auto", expected_model: str | None = None, out: str | Path | None = None,
-                         batch_size: int = 1024, check_md5: bool = True, tta: int = 1) -> dict[str, Any]:
+                         batch_size: int = 1024, check_md5: bool = True, tta: int = 1,
+                         precision: str | None = None) -> dict[str, Any]:
     """score_checkpoints, then its metrics.json and confusion matrix PNG written to `out` (default: a folder
     beside the first checkpoint, default_folder_name); returns the metrics with the PNG's path."""
-    result = score_checkpoints(paths, data_dir, split, device, expected_model, batch_size, check_md5, tta)
+    result = score_checkpoints(paths, data_dir, split, device, expected_model, batch_size, check_md5, tta, precision)
     out = Path(out) if out else Path(paths[0]).parent / default_folder_name(paths, split, tta)
     png = plots.confusion_matrix(result["confusion_matrix"], result["class_names"], out / "confusion_matrix.png",
                                  title=f"{split} confusion ({len(paths)} checkpoint(s))")
@@ -32,8 +34,14 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
 
 def score_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: str = "test", device: str = "auto",
                       expected_model: str | None = None, batch_size: int = 1024, check_md5: bool = True,
-                      tta: int = 1) -> dict[str, Any]:
-    """Metrics for the mean softmax of the given checkpoints on a split (test, or the runs' validation split)."""
+                      tta: int = 1, precision: str | None = None) -> dict[str, Any]:
+    """Metrics for the mean softmax of the given checkpoints on a split (test, or the runs' validation split).
+
+    precision: of the forward passes (auto, fp32, bf16); None: each checkpoint's own, as its run was scored
+    while training (a bf16 pass and an fp32 pass can disagree on an image or two).
+    """
+    if precision is not None and precision not in PRECISIONS:
+        raise KmnistError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if batch_size < 1:
         raise KmnistError(f"--batch-size must be at least 1, got {batch_size}")
     if not 1 <= tta <= len(TTA_SHIFTS):
@@ -64,9 +72,10 @@ def score_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: 
     labels = images_labels.labels
     probabilities = torch.zeros(len(images_labels), len(first["class_names"]))
     member_predictions = []  # (images,) per checkpoint: what each member alone predicts
-    for model, payload in zip(models, payloads):
+    precisions = [precision or payload["config"].get("precision", "auto") for payload in payloads]
+    for model, payload, member_precision in zip(models, payloads, precisions):
         logits = predict_logits(model.to(target), images_labels.images, batch_size=batch_size, tta=tta,
-                                **payload["normalization"])
+                                precision=member_precision, **payload["normalization"])
         probabilities += torch.softmax(logits, dim=1).cpu()
         member_predictions.append(logits.argmax(dim=1).cpu())
     probabilities /= len(models)
@@ -79,6 +88,8 @@ def score_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: 
         "checkpoints": [str(p) for p in paths],
         "models": [p["model"] for p in payloads],
         "tta_views": tta,
+        # what the forward passes ran in on this device (auto resolved), one per checkpoint
+        "precision": ["bf16" if uses_bf16(target, p) else "fp32" for p in precisions],
         "accuracy": accuracy(predicted, labels),
         "balanced_accuracy": balanced_accuracy(confusion),
         "per_class_accuracy": dict(zip(first["class_names"], per_class_accuracy(confusion).tolist())),
