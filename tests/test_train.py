@@ -390,3 +390,24 @@ def test_a_run_resumed_on_other_data_is_refused(tiny_dataset, tmp_path: Path) ->
     with pytest.raises(KmnistError, match="train/val/test images: 500/100/200; these: 500/100/150"):
         fit(TINY, fewer, tmp_path, resume=True, progress=False)
     assert [row["epoch"] for row in fit(TINY, tiny_dataset, tmp_path, resume=True, progress=False)] == [1, 2, 3]
+
+
+def test_a_resume_that_rounds_differently_is_warned_about_and_recorded(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    from kmnist import runinfo, runner, runs
+    from kmnist.errors import KmnistWarning
+
+    placement = {"device": "cpu", "precision": "fp32"}
+    runner.record_environment(tmp_path, resumed=False, placement=placement)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.record_environment(tmp_path, resumed=True, placement=placement)  # as it ran: nothing to say
+    real = runinfo.environment
+    monkeypatch.setattr(runner, "environment", lambda: {**real(), "torch_threads": 97})
+    with pytest.warns(KmnistWarning, match=r"other placement than it last ran with \(torch_threads \d+ -> 97\)"):
+        runner.record_environment(tmp_path, resumed=True, placement=placement)
+    with pytest.warns(KmnistWarning, match=r"precision fp32 -> bf16"):
+        runner.record_environment(tmp_path, resumed=True, placement={"device": "cpu", "precision": "bf16"})
+    record = runs.read_json(tmp_path / runs.ENVIRONMENT)
+    assert record["precision"] == "fp32" and [s["torch_threads"] for s in record["resumed"]][1:] == [97, 97]

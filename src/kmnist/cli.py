@@ -310,14 +310,10 @@ def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir:
 
 def same_model_args(model: str, model_args: dict[str, Any], saved: dict[str, Any]) -> bool:
     """Whether the given model arguments build what the saved run built (a default given explicitly or not)."""
-    from kmnist.models import resolve_model_args
+    from kmnist.config import complete_model_args
 
-    if model != saved.get("model"):
-        return False
-    try:
-        return resolve_model_args(model, model_args) == resolve_model_args(model, saved.get("model_args") or {})
-    except KmnistError:  # a saved argument this version does not know
-        return model_args == saved.get("model_args")
+    return model == saved.get("model") and (complete_model_args(model, model_args)
+                                             == complete_model_args(model, saved.get("model_args") or {}))
 
 
 def resume_command(args: argparse.Namespace, config: TrainConfig, run_dir: Path) -> str:

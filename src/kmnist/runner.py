@@ -16,10 +16,10 @@ from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict
 from kmnist.data import Dataset, check_val_size, is_balanced, load_dataset, selection_metric
 from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.files import atomic_writer
-from kmnist.metrics import confusion_matrix, predict_logits
+from kmnist.metrics import confusion_matrix, predict_logits, uses_bf16
 from kmnist.models import create_model
 from kmnist.runinfo import environment
-from kmnist.train import check_teacher, fit, select_device
+from kmnist.train import check_teacher, fit, select_device, training_device
 
 def prepare_run(config: TrainConfig, run_dir: Path | None, resume: bool) -> TrainConfig:
     """Check the run directory (writing nothing; None: a new folder, not chosen yet); on resume, return the
@@ -66,25 +66,40 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
             raise already_holds_a_run(run_dir) from None
     if config.threads:  # before environment(), so environment.json records the threads the run uses
         torch.set_num_threads(config.threads)
+    device = training_device(config)
     with runs.training_lock(run_dir):
-        record_environment(run_dir, resumed=resume)
+        record_environment(run_dir, resumed=resume, placement={
+            "device": str(device), "precision": "bf16" if uses_bf16(device, config.precision) else "fp32"})
         # A run cut off before its first epoch ended has no last.pt: it simply starts again.
         history = fit(config, dataset, run_dir, resume=resume and (run_dir / runs.LAST).is_file(),
                       progress=progress, on_epoch=on_epoch)
         return finish_run(run_dir, dataset, history, device=config.device, precision=config.precision)
 
 
-def record_environment(run_dir: Path, resumed: bool) -> None:
-    """environment.json: where the run started; a resumed run keeps that and adds each later session's
-    environment under "resumed" (a run begun on a GPU and finished on a CPU says so)."""
+# What sets a run's floating-point rounding besides its config: a session that differs in one of these computes
+# the same thing, but its numbers part from those of a run that never stopped.
+ROUNDING = ("device", "precision", "torch_threads", "cpu", "gpus", "torch")
+
+
+def record_environment(run_dir: Path, resumed: bool, placement: dict[str, Any] | None = None) -> None:
+    """environment.json: where the run started (with `placement`: the device and precision it trains in); a
+    resumed run keeps that and adds each later session's environment under "resumed" (a run begun on a GPU
+    and finished on a CPU says so), with a warning when the session rounds differently from the last."""
     path = run_dir / runs.ENVIRONMENT
-    now = environment()
+    now = {**environment(), **(placement or {})}
     if resumed and path.is_file():
         try:
             first = runs.read_json(path)
         except KmnistError:  # unreadable: this session's record replaces it
             first = None
         if isinstance(first, dict):
+            sessions = [first, *(s for s in first.get("resumed", []) if isinstance(s, dict))]
+            changed = [f"{key} {sessions[-1][key]} -> {now[key]}" for key in ROUNDING
+                       if key in sessions[-1] and sessions[-1][key] != now.get(key)]
+            if changed:
+                warnings.warn(f"{run_dir} resumes with other placement than it last ran with ({'; '.join(changed)}): "
+                              "the same computation, rounded differently, so its numbers will differ a little "
+                              "from those of a run that never stopped", KmnistWarning)
             first["resumed"] = [*first.get("resumed", []), now]
             now = first
     runs.write_json(path, now)
