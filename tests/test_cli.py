@@ -379,6 +379,7 @@ def test_resume_from_cli_after_kill(data_dir: Path, tmp_path: Path) -> None:
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
     assert (run_dir / runs.LAST).exists()
+    assert process.returncode == -signal.SIGKILL and len(runs.read_metrics(run_dir)) < 3  # killed before its end
     resumed = subprocess.run([*base, "--resume", str(run_dir)], capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
     whole = subprocess.run([*base, "--out", str(tmp_path / "whole")], capture_output=True, text=True, timeout=300)

@@ -285,3 +285,23 @@ def test_the_test_split_alone_is_looked_for_verified_and_downloaded(tmp_path: Pa
     assert sorted(asked) == sorted([IDX[2], IDX[3], spec.classmap.name])  # the training files are not fetched
     assert real.train is None and len(real.test) == 10000
     assert sorted(p.name for p in (tmp_path / "fresh" / "kmnist").iterdir()) == sorted(asked)
+
+
+def test_md5_is_checked_without_the_real_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import dataclasses
+
+    write_dataset(tmp_path, train_count=50, test_count=20)
+    folder = tmp_path / "kmnist"
+    spec = DATASETS["kmnist"]
+    official = {name: data.RemoteFile(name, data.md5_of(folder / name), (folder / name).stat().st_size)
+                for name in IDX}  # these synthetic files stand in for the official release
+    monkeypatch.setitem(DATASETS, "kmnist", dataclasses.replace(
+        spec, train_count=50, test_count=20, formats={"idx": tuple(official[name] for name in IDX)}))
+    assert len(load_dataset("kmnist", tmp_path, download=False).train) == 50
+    damaged = bytearray((folder / IDX[2]).read_bytes())
+    damaged[-5] ^= 1  # one bit, the size unchanged: only the md5 can tell
+    (folder / IDX[2]).write_bytes(bytes(damaged))
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte.gz: md5 does not match the official .* \(corrupted\)"):
+        load_dataset("kmnist", tmp_path, download=False, test_only=True)
+    with pytest.raises(DataError, match="CRC check failed"):  # --skip-md5: the gzip structure still catches it
+        load_dataset("kmnist", tmp_path, check_md5=False, download=False, test_only=True)

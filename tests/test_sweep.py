@@ -187,11 +187,13 @@ def test_best_setting_is_the_best_mean_over_seeds_not_the_luckiest_run() -> None
             point = {"lr": lr, "seed": seed}
             key = trial_name(spec, point)
             ledger.points[key] = point
-            summary = {"best_val_acc": value, "test_acc_at_best_val": value - 1, "selected_on": "val_acc"}
+            # The test scores rank the other way: the choice must not look at them.
+            summary = {"best_val_acc": value, "test_acc_at_best_val": 200 - value, "max_test_acc": 200 - value,
+                       "selected_on": "val_acc"}
             ledger.complete[key] = SimpleNamespace(user_attrs={"summary": summary})
     best = best_setting(spec, ledger)
     assert best["point"] == "lr=0.002" and best["runs"] == 3
-    assert best["value"] == pytest.approx(97.0) and best["summary"]["test_acc_at_best_val"] == pytest.approx(96.0)
+    assert best["value"] == pytest.approx(97.0) and best["summary"]["test_acc_at_best_val"] == pytest.approx(103.0)
 
 
 def test_a_point_that_failed_then_completed_is_complete(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import TrainConfig
 from kmnist.data import normalize
 from kmnist.errors import KmnistError, TrainingDiverged
+from kmnist.metrics import cross_entropy, predict_logits
 from kmnist.train import fit, lr_factor
 
 # fp32: these tests compare two computations of the same numbers closely, and "auto" would be bf16 autocast on
@@ -48,7 +49,7 @@ def test_same_seed_same_result(tiny_dataset) -> None:
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tiny_dataset, tmp_path: Path) -> None:
-    fit(TINY, tiny_dataset, tmp_path, progress=False)
+    history = fit(TINY, tiny_dataset, tmp_path, progress=False)
     payload = load_checkpoint(tmp_path / runs.LAST)
     assert payload["model"] == "report-mixer" and payload["class_names"][0] == "お"
     assert payload["model_args"]["token_hidden"] == 64 and payload["epoch"] == 3
@@ -57,6 +58,10 @@ def test_checkpoint_round_trip_gives_identical_logits(tiny_dataset, tmp_path: Pa
     images = normalize(tiny_dataset.test.images[:50], **payload["normalization"])
     with torch.no_grad():
         assert torch.equal(model(images), again(images))
+    # The loaded weights are the trained ones: they give the test loss the trainer measured, to the last bit.
+    logits = predict_logits(model, tiny_dataset.test.images, batch_size=TINY.eval_batch_size, precision="fp32",
+                            **payload["normalization"])
+    assert cross_entropy(logits, tiny_dataset.test.labels) == history[-1]["test_loss"]
 
 
 def test_checkpoint_loading_refuses_other_files(tmp_path: Path) -> None:
@@ -112,13 +117,56 @@ def test_checkpoint_of_another_model_is_refused(tiny_dataset, tmp_path: Path) ->
         model_from_checkpoint(payload)
 
 
-def test_resume_after_interruption_matches_uninterrupted(tiny_dataset, tmp_path: Path) -> None:
-    whole = fit(TINY, tiny_dataset, tmp_path / "whole", progress=False)
+# Resumed runs must draw every random number as the uninterrupted one: dropout and drop-path use torch's global
+# generator (restored from last.pt), and a scheduler's state matters from the first epoch only when it acts at once.
+RESUMED = {
+    "report-mixer, plateau": TINY,
+    "report-mixer, plateau acting every epoch, dropout": TrainConfig(**{
+        **TINY.to_dict(), "plateau_patience": 0, "model_args": {**TINY.model_args, "dropout": 0.2}}),
+    "mixer with drop-path, cosine": TrainConfig(**{
+        **TINY.to_dict(), "model": "mixer", "scheduler": "cosine", "warmup_epochs": 1.0,
+        "model_args": {"dim": 32, "depth": 2, "token_hidden": 32, "channel_hidden": 64, "dropout": 0.1,
+                       "drop_path": 0.2}}),
+}
+
+
+def test_a_summary_takes_its_result_from_the_epoch_best_on_validation_never_test() -> None:
+    row = lambda epoch, val, test: {"epoch": epoch, "train_loss": 1.0, "train_acc": 90.0, "val_acc": val,  # noqa: E731
+                                    "val_bal_acc": 100 - val, "test_acc": test, "test_bal_acc": test - 1,
+                                    "epoch_seconds": 1.0}
+    history = [row(1, 80.0, 70.0), row(2, 90.0, 75.0), row(3, 85.0, 95.0), row(4, 90.0, 60.0)]
+    summary = runs.summarize(history)
+    assert (summary["best_epoch"], summary["test_acc_at_best_val"], summary["best_val_acc"]) == (2, 75.0, 90.0)
+    assert (summary["max_test_epoch"], summary["max_test_acc"], summary["final_test_acc"]) == (3, 95.0, 60.0)
+    balanced = runs.summarize(history, select_on="val_bal_acc")  # K49: the best balanced validation epoch (1)
+    assert (balanced["best_epoch"], balanced["test_acc_at_best_val"], balanced["test_bal_acc_at_best_val"]) == (1, 70.0, 69.0)
+
+
+def test_best_pt_holds_the_epoch_best_on_validation_never_test(tiny_dataset, tmp_path: Path, monkeypatch) -> None:
+    import kmnist.train
+
+    scores = {"val": iter([50.0, 70.0, 60.0]), "test": iter([90.0, 40.0, 80.0])}  # test's best is epoch 1
+
+    def scripted(self, split):
+        if not len(split):
+            return float("nan"), float("nan"), float("nan")
+        score = next(scores["val" if split is self.val else "test"])
+        return 1.0, score, score
+
+    monkeypatch.setattr(kmnist.train.Trainer, "evaluate", scripted)
+    history = fit(TINY, tiny_dataset, tmp_path, progress=False)
+    assert [row["val_acc"] for row in history] == [50.0, 70.0, 60.0]
+    assert load_checkpoint(tmp_path / runs.BEST)["epoch"] == 2
+
+
+@pytest.mark.parametrize("config", RESUMED.values(), ids=RESUMED.keys())
+def test_resume_after_interruption_matches_uninterrupted(config: TrainConfig, tiny_dataset, tmp_path: Path) -> None:
+    whole = fit(config, tiny_dataset, tmp_path / "whole", progress=False)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(TINY, tiny_dataset, tmp_path / "cut", progress=False, on_epoch=_stop_after_first)
+        fit(config, tiny_dataset, tmp_path / "cut", progress=False, on_epoch=_stop_after_first)
     assert runs.read_metrics(tmp_path / "cut")[-1]["epoch"] == 1
-    resumed = fit(TINY, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
+    resumed = fit(config, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
     assert _drop_times(resumed) == _drop_times(whole)
     final_whole = load_checkpoint(tmp_path / "whole" / runs.LAST)["state_dict"]
     final_cut = load_checkpoint(tmp_path / "cut" / runs.LAST)["state_dict"]
