@@ -108,6 +108,28 @@ def test_random_search_runs_each_point_once_per_seed(data_dir: Path, tmp_path: P
         assert runs.read_json(out / TRIALS / name / runs.CONFIG)["lr"] == pytest.approx(lr, rel=1e-5)
 
 
+def test_a_search_draws_the_same_points_again_from_the_same_seed() -> None:
+    import optuna
+    from optuna.distributions import FloatDistribution
+
+    from kmnist.sweep import make_sampler
+
+    def draws(spec) -> list[float]:
+        study = optuna.create_study(sampler=make_sampler(spec), direction="maximize")
+        values = []
+        for _ in range(3):
+            trial = study.ask({"lr": FloatDistribution(1e-4, 1e-1, log=True)})
+            values.append(trial.params["lr"])
+            study.tell(trial, 1.0)
+        return values
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for method in ("random", "tpe"):
+        spec = build_spec(**{method: ["lr=0.0001..0.1:log"]}, trials=3)
+        assert draws(spec) == draws(spec), method
+        assert draws(spec) != draws(build_spec(**{method: ["lr=0.0001..0.1:log"]}, trials=3, config={"seed": 5}))
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # this test asks the study by hand
 def test_ledger_reruns_only_dead_trials(tmp_path: Path) -> None:
     """A RUNNING trial whose worker's lock is free is failed and queued again; a live one is left alone."""

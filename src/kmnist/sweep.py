@@ -151,6 +151,16 @@ def open_storage(url: str, heartbeat_seconds: int):
         raise KmnistError(f"cannot open sweep storage {redact(url)}: {reason[:200]}") from None
 
 
+def sampler_seed(spec: SweepSpec) -> int:
+    """The seed of this process's search sampler: fixed by the sweep's first training seed, so one worker draws
+    the same points every time; each worker of a parallel sweep its own sequence (else they would draw alike)."""
+    import multiprocessing
+
+    name = multiprocessing.current_process().name  # kmnist-sweep-N for worker N (run_sweep names them)
+    worker = int(name.rsplit("-", 1)[1]) if name.startswith("kmnist-sweep-") else 0
+    return (spec.seeds[0] * 7919 + worker) % 2**32  # 7919, a prime: no two (seed, worker) pairs meet
+
+
 def make_sampler(spec: SweepSpec):
     import optuna
 
@@ -158,10 +168,11 @@ def make_sampler(spec: SweepSpec):
         # The same seed in every worker, so a grid id names the same point everywhere.
         return optuna.samplers.GridSampler(search_space(spec), seed=0)
     if spec.method == "random":
-        return optuna.samplers.RandomSampler()
+        return optuna.samplers.RandomSampler(seed=sampler_seed(spec))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.samplers.TPESampler(constant_liar=True)  # parallel workers do not all try one region
+        # constant_liar: parallel workers do not all try one region
+        return optuna.samplers.TPESampler(constant_liar=True, seed=sampler_seed(spec))
 
 
 def identity(spec: SweepSpec) -> dict[str, Any]:
