@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import FakeResponse, copy_real
+from conftest import FakeResponse, copy_real, write_dataset
 from kmnist import cli, runs
 from kmnist.cli import main
 
@@ -464,6 +464,14 @@ def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:
     code, _, err = run_cli(["evaluate", runs_made[0], runs_made[0], "--split", "val", "--data-dir", str(data_dir),
                             "--skip-md5", "--out", str(tmp_path / "ens-val")], capsys)
     assert code == 0, err
+    # Other data files: the validation split rebuilt from them could hold images the model trained on.
+    other = write_dataset(tmp_path / "other-data", seed=5)
+    code, _, err = run_cli(["evaluate", runs_made[0], "--split", "val", "--data-dir", str(other), "--skip-md5",
+                            "--out", str(tmp_path / "other-val")], capsys)
+    assert_one_line_error(code, err, "was trained on other data files", "validation split cannot be rebuilt")
+    code, _, err = run_cli(["evaluate", runs_made[0], "--data-dir", str(other), "--skip-md5", "--out",
+                            str(tmp_path / "other-test")], capsys)
+    assert code == 0, err  # a test split of other files is a fair test of any model
     # Without --out, each evaluation gets its own folder beside the first checkpoint: none replaces another.
     for extra in ([], ["--tta", "5"], [runs_made[1]], [runs_made[1], "--tta", "5"], ["--split", "val"]):
         code, _, err = run_cli(["evaluate", runs_made[0], *extra, "--data-dir", str(data_dir), "--skip-md5"], capsys)
@@ -474,18 +482,17 @@ def test_ensemble_with_tta(data_dir: Path, tmp_path: Path, capsys) -> None:
 
 def test_bench_writes_json_and_markdown(data_dir: Path, tmp_path: Path, capsys) -> None:
     table = tmp_path / "benchmarks.md"
-    for _ in range(2):
+    for json_to in (str(tmp_path / "b.json"), None):  # a file, then (--json alone) stdout
         code, out, err = run_cli(["bench", "--data-dir", str(data_dir), "--skip-md5", "--repeats", "1",
-                                  "--max-batches", "3", "--val-size", "100", "--threads", "1", "--json",
-                                  str(tmp_path / "b.json"), "--markdown", str(table),
-                                  "--model-arg", "token_hidden=32"], capsys)
+                                  "--max-batches", "3", "--val-size", "100", "--threads", "1", "--markdown", str(table),
+                                  "--model-arg", "token_hidden=32", "--json", *([json_to] if json_to else [])], capsys)
         assert code == 0, err
+    assert json.loads(out)["speedup"] > 0 and "speed-up" in err  # stdout holds the JSON alone; the table: stderr
     result = json.loads((tmp_path / "b.json").read_text())
     assert result["speedup"] > 0 and result["infer_images_per_second_batch1024"] > 0
     assert result["hardware"] and result["environment"]["torch"]
     lines = table.read_text().splitlines()
     assert sum(line.startswith("| date") for line in lines) == 1 and len(lines) == 4
-    assert "speed-up" in out
 
 
 def test_bench_of_a_full_recipe_without_a_validation_split(data_dir: Path, tmp_path: Path, capsys) -> None:
@@ -750,3 +757,27 @@ def test_evaluate_scores_in_the_precision_each_checkpoint_trained_in(tiny_checkp
                              capsys)
     assert code == 0, err
     assert json.loads(out)["precision"][0] == "fp32" and len(json.loads(out)["precision"]) == 2
+
+
+def test_evaluate_finds_an_unwritable_results_folder_before_the_work_and_leaves_no_empty_one(
+        tiny_checkpoint: Path, tmp_path: Path, offline: None, monkeypatch, capsys) -> None:
+    import shutil
+
+    checkpoint = tmp_path / "run" / "best.pt"
+    checkpoint.parent.mkdir()
+    shutil.copy(tiny_checkpoint, checkpoint)
+    code, _, err = run_cli(["evaluate", str(checkpoint), "--data-dir", str(tmp_path / "no-data")], capsys)
+    assert_one_line_error(code, err, "kmnist files missing")
+    assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["best.pt"]  # no empty evaluation-test-best
+
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if self.name.startswith("evaluation-"):
+            raise PermissionError(1, "Operation not permitted", str(self))
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    code, _, err = run_cli(["evaluate", str(checkpoint), "--data-dir", str(tmp_path / "no-data")], capsys)
+    assert_one_line_error(code, err, "evaluation-test-best: Operation not permitted; name a folder for the results "
+                                     "with --out DIR")

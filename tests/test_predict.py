@@ -69,24 +69,30 @@ def test_text_output_recursive_and_preprocessed_images(tiny_checkpoint: Path, im
 
 def test_bad_files_get_one_line_each_and_the_rest_still_run(tiny_checkpoint: Path, image_folder: Path,
                                                            tmp_path: Path, capsys) -> None:
-    (image_folder / "notes.txt").write_text("not an image")
+    (image_folder / "notes.txt").write_text("a folder's other files are not inputs")
+    named = tmp_path / "named.txt"
+    named.write_text("not an image")  # named on the command line: an input, whatever its name
     good = image_folder / "char1.png"
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good.read_bytes()[:60])
     empty_folder = tmp_path / "empty"
     empty_folder.mkdir()
-    code, out, err = run_cli(["predict", str(tiny_checkpoint), str(image_folder), str(truncated),
-                              str(tmp_path / "missing.png"), str(empty_folder)], capsys)
+    notes_only = tmp_path / "notes-only"
+    notes_only.mkdir()
+    (notes_only / "labels.csv").write_text("file,label\n")
+    code, out, err = run_cli(["predict", str(tiny_checkpoint), str(image_folder), str(named), str(truncated),
+                              str(tmp_path / "missing.png"), str(empty_folder), str(notes_only)], capsys)
     assert code == 1
     assert len(out.strip().splitlines()) == 5  # every good image still classified
     errors = err.strip().splitlines()
     assert "Traceback" not in err
-    assert len(errors) == 5  # one per bad input, then the count
-    assert "notes.txt: not an image" in errors[0]
+    assert len(errors) == 6  # one per bad input, then the count
+    assert "named.txt: not an image" in errors[0]
     assert "truncated.png: cannot decode" in errors[1]
     assert "missing.png: no such file" in errors[2]
     assert "empty: folder holds no files" in errors[3]
-    assert errors[4] == "kmnist predict: 4 of 9 file(s) could not be used"
+    assert "notes-only: folder holds no image files (1 other file(s))" in errors[4]
+    assert errors[5] == "kmnist predict: 5 of 10 file(s) could not be used"
 
     code, out, err = run_cli(["predict", str(tiny_checkpoint), str(truncated), "--json"], capsys)
     assert code == 1 and json.loads(out)["results"][0]["error"].startswith("cannot decode")

@@ -163,3 +163,12 @@ def test_cli_errors_and_dry_run(tmp_path: Path, capsys, monkeypatch) -> None:
     # A dry run checks its points as a real sweep does.
     assert main(["sweep", "--grid", "lr=-1,0.1", "--dry-run", "--out", str(tmp_path / "g")]) == 2
     assert "sweep point lr=-1: lr must be positive" in capsys.readouterr().err
+    # ... and the folder it names: one holding another sweep is refused now, not only by the real command.
+    from kmnist.sweep import SweepPlacement, record_sweep
+
+    (tmp_path / "taken").mkdir()
+    record_sweep(build_spec(grid=["lr=0.1,0.2"]), SweepPlacement(out=tmp_path / "taken", data_dir=tmp_path))
+    assert main(["sweep", "--grid", "lr=0.1,0.2", "--dry-run", "--out", str(tmp_path / "taken")]) == 0
+    capsys.readouterr()
+    assert main(["sweep", "--grid", "lr=0.3,0.4", "--dry-run", "--out", str(tmp_path / "taken")]) == 2
+    assert "holds a different sweep (it differs in axes)" in capsys.readouterr().err

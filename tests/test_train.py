@@ -459,3 +459,18 @@ def test_a_resume_that_rounds_differently_is_warned_about_and_recorded(tmp_path:
         runner.record_environment(tmp_path, resumed=True, placement={"device": "cpu", "precision": "bf16"})
     record = runs.read_json(tmp_path / runs.ENVIRONMENT)
     assert record["precision"] == "fp32" and [s["torch_threads"] for s in record["resumed"]][1:] == [97, 97]
+
+
+def test_distillation_settings_without_a_teacher_are_warned_about() -> None:
+    import warnings
+
+    from kmnist.errors import KmnistWarning
+    from kmnist.runner import prepare_run
+
+    with pytest.warns(KmnistWarning, match="--distill-weight acts only with --teacher"):
+        prepare_run(TrainConfig(distill_weight=0.9), None, resume=False)
+    with pytest.warns(KmnistWarning, match="--distill-weight and --distill-temperature act only with --teacher"):
+        prepare_run(TrainConfig(distill_weight=0.9, distill_temperature=2.0), None, resume=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepare_run(TrainConfig(), None, resume=False)

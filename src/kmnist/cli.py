@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,6 +34,11 @@ class Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line on stderr and exit 2."""
 
     commands: dict[str, argparse.ArgumentParser] = {}  # the top-level parser's subcommands (build_parser)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # No abbreviations (--ep for --epochs): one would change meaning, silently, when a new option shares it.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -76,8 +82,9 @@ def add_data_options(parser: argparse.ArgumentParser) -> None:
                              "official format); their structure is still checked")
 
 
-def add_config_options(parser: argparse.ArgumentParser) -> None:
-    """One option per TrainConfig field, defaults shown; unset options leave the config untouched."""
+def add_config_options(parser: argparse.ArgumentParser, help_of: dict[str, str] | None = None) -> None:
+    """One option per TrainConfig field, defaults shown; unset options leave the config untouched. `help_of`
+    replaces a field's help text where the command gives it another meaning."""
     defaults = TrainConfig()
     group = parser.add_argument_group("training configuration (defaults: the report's final configuration)")
     group.add_argument("--preset", choices=sorted(PRESETS),
@@ -88,7 +95,7 @@ def add_config_options(parser: argparse.ArgumentParser) -> None:
             continue
         flag = option_flag(name)
         default = getattr(defaults, name)
-        help_text = f"{field.metadata.get('help', '')} (default: {default})"
+        help_text = (help_of or {}).get(name) or f"{field.metadata.get('help', '')} (default: {default})"
         if isinstance(default, bool):
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
@@ -289,6 +296,8 @@ def check_resume_options(args: argparse.Namespace, config: TrainConfig, run_dir:
     """With --resume, options may repeat the saved configuration (the same command again) but not change it."""
     from kmnist import runs
 
+    if not run_dir.is_dir():
+        raise KmnistError(f"cannot resume: no such run directory: {run_dir}")
     if not (run_dir / runs.CONFIG).is_file():
         raise KmnistError(f"cannot resume: {run_dir} holds no {runs.CONFIG}")
     saved = runs.read_record(run_dir / runs.CONFIG)
@@ -443,7 +452,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.repeats < 1 or (args.max_batches is not None and args.max_batches < 1):
         raise KmnistError("--repeats and --max-batches must be at least 1")
     check_device(config)
-    check_output_file(args.json, "--json")
+    to_stdout = args.json == "-"  # the JSON alone on stdout (for a pipe); the table goes to stderr then
+    say = functools.partial(print, file=sys.stderr if to_stdout else sys.stdout, flush=True)
+    if not to_stdout:
+        check_output_file(args.json, "--json")
     check_output_file(args.markdown, "--markdown")
     if args.markdown:
         markdown_text(Path(args.markdown))  # a file a row cannot be appended to is found before the timing
@@ -457,8 +469,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise KmnistError(f"{run_dir} already holds a run; choose another --out (bench --full trains a new one)")
         prepare_run(config, run_dir, resume=False)
     dataset = load_dataset(config.dataset, data_dir_from_args(args), check_md5=not args.skip_md5)
-    print(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {config.precision}); "
-          f"{args.repeats} run(s) of each measurement", flush=True)
+    from kmnist.metrics import uses_bf16
+    from kmnist.train import training_device
+
+    resolved = "bf16" if uses_bf16(training_device(config), config.precision) else "fp32"
+    precision = config.precision if config.precision == resolved else f"{config.precision}: {resolved} here"
+    say(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {precision}); "
+        f"{args.repeats} run(s) of each measurement")
     result = bench.run_benchmark(config, dataset, args.repeats, args.max_batches, compare=not args.no_compare,
                                  baseline_precision=args.baseline_precision, progress=show_progress(args))
     env = environment()
@@ -467,7 +484,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.full:
         from kmnist.runner import train_run
 
-        print(f"training the full recipe in {run_dir} ...", flush=True)
+        say(f"training the full recipe in {run_dir} ...")
         result["recipe"] = train_run(config, run_dir, data_dir_from_args(args), progress=show_progress(args),
                                      check_md5=not args.skip_md5)
     medians = result["median_epoch_seconds"]
@@ -489,10 +506,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         rows += [("full recipe training time", f"{recipe['train_seconds']:.1f} s"),
                  ("full recipe test accuracy", bench.recipe_accuracy(recipe))]
     width = max(len(label) for label, _ in rows)
-    print(f"on {result['hardware']}:")
+    say(f"on {result['hardware']}:")
     for label, value in rows:
-        print(f"  {label:<{width}}  {value}")
-    if args.json:
+        say(f"  {label:<{width}}  {value}")
+    if to_stdout:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    elif args.json:
         runs.write_json(Path(args.json), result)
     if args.markdown:
         path = Path(args.markdown)
@@ -500,7 +519,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if bench.MARKDOWN_HEADER.splitlines()[0] not in text:
             text += ("\n" if text and not text.endswith("\n") else "") + bench.MARKDOWN_HEADER + "\n"
         runs.atomic_write_text(path, text + bench.markdown_row(result) + "\n")
-        print(f"appended a row to {path}")
+        say(f"appended a row to {path}")
     return 0
 
 
@@ -596,7 +615,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                            max_upload_bytes=int(args.max_upload_mb * 2**20),
                            max_pixels=int(args.max_megapixels * 1e6))
     return run_server(args.checkpoint, options, host=args.host, port=args.port, threads=args.threads,
-                      access_log=args.access_log)
+                      access_log=args.access_log, colors=False if os.environ.get("NO_COLOR") else None)
 
 
 
@@ -646,6 +665,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     spec = build_spec(definition=args.sweep, grid=args.grid, random=args.random, tpe=args.tpe, seeds=args.seeds,
                       trials=args.trials, preset=preset, config=values)
     if args.dry_run:
+        if args.out or args.sweep:  # what the real command would find there: another sweep is refused now too
+            sweep.check_same_sweep(spec, Path(args.out or Path("sweeps") / spec.name))
         plan = sweep.describe(spec)
         fixed = ", ".join(f"{k}={v}" for k, v in plan["config"].items())
         seeds = f"seed{'' if len(plan['seeds']) == 1 else 's'} {', '.join(map(str, plan['seeds']))}"
@@ -833,7 +854,9 @@ def build_parser() -> Parser:
                        help="precision of the per-sample pipeline (default: fp32, as torchvision-style code runs)")
     bench.add_argument("--full", action="store_true", help="also train the whole recipe and report its time and accuracy")
     bench.add_argument("--out", metavar="DIR", help="run directory for --full")
-    bench.add_argument("--json", metavar="FILE", help="write all results, with the hardware, as JSON")
+    bench.add_argument("--json", metavar="FILE", nargs="?", const="-",
+                       help="write all results, with the hardware, as JSON to FILE; alone (or -): to stdout, "
+                            "the table then to stderr")
     bench.add_argument("--markdown", metavar="FILE", help="append a row to this Markdown table (e.g. docs/benchmarks.md)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bars")
     add_config_options(bench)
@@ -846,7 +869,8 @@ def build_parser() -> Parser:
                                               "A file that cannot be read gets a one-line error; the others "
                                               "are still classified, and the exit status is then 1.")
     predict.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint file (.pt)")
-    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files and/or folders of them")
+    predict.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR",
+                         help="image files, and/or folders: their image files (by extension, e.g. .png, .jpg)")
     predict.add_argument("--top-k", type=int, default=3, help="classes shown per image (default: 3)")
     predict.add_argument("--json", action="store_true", help="print all results as one JSON document")
     predict.add_argument("--recursive", action="store_true", help="also take images from subfolders")
@@ -854,7 +878,7 @@ def build_parser() -> Parser:
     predict.add_argument("--save-preprocessed", metavar="DIR",
                          help="also write the 28x28 image the model saw for each input, as PNG")
     predict.add_argument("--max-file-mb", type=positive_number, default=20,
-                         help="refuse larger files (default: 20)")
+                         help="refuse larger files, in MiB (default: 20)")
     predict.add_argument("--max-megapixels", type=positive_number, default=50,
                          help="refuse images with more pixels, before decoding them (default: 50)")
     predict.set_defaults(handler=cmd_predict)
@@ -884,7 +908,7 @@ def build_parser() -> Parser:
     add_data_options(serve)
     serve.add_argument("--top-k", type=int, default=5, help="classes per answer unless a request asks (default: 5)")
     serve.add_argument("--max-upload-mb", type=positive_number, default=5,
-                       help="refuse larger request bodies (default: 5)")
+                       help="refuse larger request bodies, in MiB (default: 5)")
     serve.add_argument("--max-megapixels", type=positive_number, default=16,
                        help="refuse images with more pixels, before decoding them (default: 16)")
     serve.add_argument("--threads", type=int, default=1,
@@ -932,7 +956,8 @@ def build_parser() -> Parser:
                        help="run again the points whose run raised an error (e.g. diverged) before this command")
     where.add_argument("--dry-run", action="store_true", help="list the runs and exit")
     where.add_argument("--no-progress", action="store_true", help="no progress bar (one line per finished run only)")
-    add_config_options(sweep)
+    add_config_options(sweep, help_of={"threads": "CPU threads for torch in each worker (default: 0 = cores // "
+                                                  "--jobs)"})
     sweep.set_defaults(handler=cmd_sweep)
 
     report = commands.add_parser(
@@ -983,16 +1008,25 @@ OPTIONAL_PACKAGES = {"optuna": "sweep", "fastapi": "serve", "fastapi_offline": "
                      "onnxscript": "export"}
 
 
+# Commands that take a list of files: files given after an option join the list (`predict CKPT a.png --top-k 2
+# b.png`), as argparse alone would refuse them.
+FILE_LISTS = {"evaluate": "checkpoints", "predict": "images", "report": "dirs"}
+
+
 def run_command(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)
+        listed = FILE_LISTS.get(getattr(args, "command", None) or "")
+        if listed and extra and not any(word.startswith("-") for word in extra):
+            setattr(args, listed, [*getattr(args, listed), *extra])
+            extra = []
         if extra:  # reported by the command's own parser: "kmnist train: error: ..."
             parser.commands.get(args.command, parser).error(f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as stop:  # --help, --version, or a bad option (already reported on one line)
         return stop.code if isinstance(stop.code, int) else 2
-    if not getattr(args, "handler", None):
-        parser.print_help()
+    if not getattr(args, "handler", None):  # no command: a usage error, so the help goes to stderr
+        parser.print_help(sys.stderr)
         return 2
     from kmnist.cpu import keep_freed_memory
 

@@ -296,7 +296,8 @@ def download_file(url: str, destination: Path, remote: RemoteFile, progress: boo
     with urllib.request.urlopen(url, timeout=30) as response, atomic_writer(destination) as out:
         total = int(response.headers.get("Content-Length") or 0) or remote.size
         digest = hashlib.md5()
-        with tqdm(total=total, unit="B", unit_scale=True, desc=remote.name, disable=not progress, leave=False) as bar:
+        with tqdm(total=total, unit="B", unit_scale=True, desc=remote.name, disable=None if progress else True,
+                  leave=False) as bar:
             for block in iter(lambda: response.read(1 << 16), b""):
                 out.write(block)
                 digest.update(block)
@@ -391,7 +392,8 @@ def read_dataset(spec: DatasetSpec, fmt: str, folder: Path, check_md5: bool = Tr
             verify_file(classmap_path, spec.classmap, check_md5)
     except DataError as problem:  # name the command that mends it
         fix = f"kmnist download --dataset {spec.name} --format {fmt} --data-dir {shlex.quote(str(data_dir))}"
-        raise DataError(f"{problem}; `{fix}` fetches it again") from None
+        raise DataError(f"{problem}; `{fix}` fetches the official file again (files of your own in the official "
+                        "format: --skip-md5)") from None
     if not classmap_path.is_file():
         classmap_path = None  # fall back to the copy shipped with the package
     class_names = read_classmap(classmap_path, spec.name)

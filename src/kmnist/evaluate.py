@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,9 +12,10 @@ import torch
 from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import PRECISIONS
-from kmnist.data import load_dataset, split_validation
+from kmnist.data import load_dataset, pixel_stats, split_validation
 from kmnist.errors import KmnistError
-from kmnist.metrics import TTA_SHIFTS, accuracy, uses_bf16, balanced_accuracy, confusion_matrix, per_class_accuracy, predict_logits
+from kmnist.metrics import (TTA_SHIFTS, accuracy, balanced_accuracy, confusion_matrix, per_class_accuracy,
+                            predict_logits, uses_bf16)
 from kmnist.train import select_device
 
 
@@ -23,8 +25,19 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
                          precision: str | None = None) -> dict[str, Any]:
     """score_checkpoints, then its metrics.json and confusion matrix PNG written to `out` (default: a folder
     beside the first checkpoint, default_folder_name); returns the metrics with the PNG's path."""
-    result = score_checkpoints(paths, data_dir, split, device, expected_model, batch_size, check_md5, tta, precision)
     out = Path(out) if out else Path(paths[0]).parent / default_folder_name(paths, split, tta)
+    made = not out.exists()
+    try:  # before the work: a folder that cannot be written (the checkpoint's, read-only) is found now
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise KmnistError(f"{out}: {error.strerror or error}; name a folder for the results with --out DIR") from None
+    try:
+        result = score_checkpoints(paths, data_dir, split, device, expected_model, batch_size, check_md5, tta,
+                                   precision)
+    except BaseException:
+        if made and not any(out.iterdir()):  # nothing was written: no empty folder left behind
+            out.rmdir()
+        raise
     png = plots.confusion_matrix(result["confusion_matrix"], result["class_names"], out / "confusion_matrix.png",
                                  title=f"{split} confusion ({len(paths)} checkpoint(s))")
     result["confusion_matrix_png"] = str(png)
@@ -65,7 +78,8 @@ def score_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: 
                                   f"{other['val_size']} with seed {other['seed']}")
     dataset = load_dataset(first["dataset"], data_dir, check_md5=check_md5, test_only=split != "val")
     if split == "val":
-        _, images_labels = split_validation(dataset.train, config["val_size"], config["seed"])
+        trained_on, images_labels = split_validation(dataset.train, config["val_size"], config["seed"])
+        check_same_training_images(paths, payloads, trained_on)
     else:
         images_labels = dataset.test
     target = select_device(device)
@@ -99,6 +113,21 @@ def score_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: 
     if len(models) > 1:
         result.update(ensemble_gain(result, member_predictions, labels, len(first["class_names"]), paths))
     return result
+
+
+def check_same_training_images(paths: Sequence[str | Path], payloads: Sequence[dict], trained_on: Any) -> None:
+    """The validation split is rebuilt from the data files given: on other files than a run trained on, it could
+    hold images the model learnt from. The run's normalisation (its training images' pixel statistics) tells."""
+    mean, std = pixel_stats(trained_on.images)
+    for path, payload in zip(paths, payloads):
+        saved = payload["normalization"]
+        # float32 sums over millions of pixels: other thread counts move their last digits
+        if not (math.isclose(float(saved["mean"]), mean, rel_tol=1e-5)
+                and math.isclose(float(saved["std"]), std, rel_tol=1e-5)):
+            raise KmnistError(f"{path} was trained on other data files (training pixels: mean "
+                              f"{float(saved['mean']):.5f}, std {float(saved['std']):.5f}; these: {mean:.5f}, "
+                              f"{std:.5f}), so its validation split cannot be rebuilt from them; give the --data-dir "
+                              "it trained with")
 
 
 def default_folder_name(paths: Sequence[str | Path], split: str, tta: int) -> str:

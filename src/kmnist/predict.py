@@ -56,7 +56,12 @@ class FileInput:
 
 
 def expand_inputs(inputs: Sequence[str | Path], recursive: bool = False) -> list[FileInput]:
-    """Files as given, and the files in given folders (sorted; hidden ones skipped) in argument order."""
+    """Files as given, and the image files in given folders (by extension; sorted; hidden ones skipped), in
+    argument order. A folder's other files (notes, label lists) are not inputs; a file named is one, whatever
+    its name."""
+    from PIL import Image
+
+    image_suffixes = {suffix.lower() for suffix in Image.registered_extensions()}
     files: list[FileInput] = []
     for item in inputs:
         path = Path(item)
@@ -64,9 +69,11 @@ def expand_inputs(inputs: Sequence[str | Path], recursive: bool = False) -> list
             pattern = "**/*" if recursive else "*"
             found = sorted(p for p in path.glob(pattern) if p.is_file()
                            and not any(part.startswith(".") for part in p.relative_to(path).parts))
-            files.extend(FileInput(p) for p in found)
-            if not found:
-                files.append(FileInput(path, "folder holds no files"))
+            images = [p for p in found if p.suffix.lower() in image_suffixes]
+            files.extend(FileInput(p) for p in images)
+            if not images:
+                files.append(FileInput(path, f"folder holds no image files ({len(found)} other file(s))" if found
+                                       else "folder holds no files"))
         elif path.exists():
             files.append(FileInput(path))
         else:

@@ -12,7 +12,7 @@ import torch
 
 from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
-from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict
+from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict, option_flag
 from kmnist.data import Dataset, check_val_size, is_balanced, load_dataset, selection_metric
 from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.files import atomic_writer
@@ -35,6 +35,12 @@ def prepare_run(config: TrainConfig, run_dir: Path | None, resume: bool) -> Trai
         raise already_holds_a_run(run_dir)
     if config.teacher:  # also on resume: a teacher moved away since is found missing before any work
         check_teacher(config)
+    defaults = TrainConfig()
+    unused = [name for name in ("distill_weight", "distill_temperature")
+              if not config.teacher and getattr(config, name) != getattr(defaults, name)]
+    if not resume and unused:
+        warnings.warn(f"{' and '.join(option_flag(name) for name in unused)} act{'s' if len(unused) == 1 else ''} "
+                      "only with --teacher, which is not given: this run learns from the labels alone", KmnistWarning)
     if not resume and config.class_weighting and config.balanced_sampling:
         warnings.warn("--class-weighting and --balanced-sampling each make up for the class imbalance on their "
                       "own; together a class weighs in inverse proportion to its size, so rare classes outweigh "

@@ -270,8 +270,9 @@ def bind_socket(host: str, port: int) -> socket.socket:
 
 
 def run_server(checkpoint: str | Path, options: ServeOptions, host: str = "127.0.0.1", port: int = 8000,
-               threads: int = 1, access_log: bool = False) -> int:
-    """Serve until interrupted (uvicorn); returns an exit status."""
+               threads: int = 1, access_log: bool = False, colors: bool | None = None) -> int:
+    """Serve until interrupted (uvicorn); returns an exit status. colors: of the log lines (None: where the
+    output is a terminal)."""
     import sys
 
     import torch
@@ -287,6 +288,7 @@ def run_server(checkpoint: str | Path, options: ServeOptions, host: str = "127.0
         print(f"kmnist serve: warning: listening on {host}; the service has no authentication", file=sys.stderr)
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host
     print(f"kmnist serve: http://{shown}:{bound_port}/ (drawing page; API docs at /docs; Ctrl-C stops)", flush=True)
-    config = uvicorn.Config(app, access_log=access_log, log_level="info" if access_log else "warning")
+    config = uvicorn.Config(app, access_log=access_log, log_level="info" if access_log else "warning",
+                            use_colors=colors)
     uvicorn.Server(config).run(sockets=[sock])
     return 0

@@ -230,15 +230,22 @@ def open_study(spec: SweepSpec, placement: SweepPlacement, storage):
     return study
 
 
+def check_same_sweep(spec: SweepSpec, out: Path) -> bool:
+    """Whether `out` already holds this sweep (False: none yet); a one-line error if it holds another."""
+    path = Path(out) / SWEEP_FILE
+    if not path.is_file():
+        return False
+    saved, wanted = runs.read_record(path).get("spec", {}), identity(spec)
+    if {key: saved.get(key) for key in IDENTITY_KEYS} != wanted:
+        raise KmnistError(f"{out} holds a different sweep (it differs in {differences(saved, wanted)}); "
+                          "continue it with the command that started it, or choose another --out")
+    return True
+
+
 def record_sweep(spec: SweepSpec, placement: SweepPlacement) -> None:
     """Write sweep.json, or check that the sweep already in `out` is this one."""
     path = Path(placement.out) / SWEEP_FILE
-    wanted = identity(spec)
-    if path.is_file():
-        saved = runs.read_record(path).get("spec", {})
-        if {key: saved.get(key) for key in IDENTITY_KEYS} != wanted:
-            raise KmnistError(f"{placement.out} holds a different sweep (it differs in {differences(saved, wanted)}); "
-                              "continue it with the command that started it, or choose another --out")
+    if check_same_sweep(spec, placement.out):
         return
     runs.write_json(path, {"spec": spec.to_dict(), "study": placement.study_name,
                            "storage": redact(placement.storage_url), "kmnist": __version__,
@@ -790,7 +797,8 @@ class Monitor:
         from tqdm import tqdm
 
         self.bar = tqdm(total=round(progress.epochs_total), initial=round(progress.epochs_done), unit="epoch",
-                        desc="sweep", disable=not self.show_bar, dynamic_ncols=True, leave=False)
+                        desc="sweep", disable=None if self.show_bar else True, dynamic_ncols=True,
+                        leave=False)  # None: no bar where stderr is not a terminal (a log file)
 
     def update_bar(self, progress: Progress) -> None:
         if self.bar is None:
