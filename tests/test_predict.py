@@ -99,7 +99,8 @@ def test_bad_files_get_one_line_each_and_the_rest_still_run(tiny_checkpoint: Pat
 
 
 @pytest.mark.parametrize("extra, fragment", [
-    (["--top-k", "0"], "--top-k must be at least 1"),
+    (["--top-k", "0"], "--top-k must be between 1 and 10"),
+    (["--top-k", "11"], "--top-k must be between 1 and 10"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
 ])
 def test_bad_options_give_one_line(tiny_checkpoint: Path, image_folder: Path, extra: list[str], fragment: str,

@@ -87,11 +87,10 @@ def predict_files(classifier: Classifier, inputs: Sequence[str | Path], top_k: i
 
     Files are read and preprocessed in batches of batch_size, so memory stays bounded for any number of files.
     """
-    if top_k < 1:
-        raise KmnistError(f"--top-k must be at least 1, got {top_k}")
+    if not 1 <= top_k <= classifier.num_classes:  # as serve refuses it: more classes than the model has is a mistake
+        raise KmnistError(f"--top-k must be between 1 and {classifier.num_classes}, got {top_k}")
     if batch_size < 1:
         raise KmnistError(f"--batch-size must be at least 1, got {batch_size}")
-    top_k = min(top_k, classifier.num_classes)
     files = expand_inputs(inputs, recursive)
     for start in range(0, len(files), batch_size):
         results: list[dict[str, Any]] = []
