@@ -213,6 +213,41 @@ def test_a_run_stopped_between_its_last_checkpoint_and_metrics_gets_every_row_on
     assert runs.read_metrics(tmp_path)[-1]["val_acc"] == whole[-1]["val_acc"]
 
 
+class _Killed(BaseException):
+    """What kill -9 does to a process: nothing after it runs (not deferred like Ctrl-C, not an Exception)."""
+
+
+@pytest.mark.parametrize("killed_before", [runs.LAST, runs.METRICS])
+def test_a_kill_between_an_epochs_files_never_leaves_a_best_pt_of_an_epoch_trained_again(
+        killed_before: str, tiny_dataset, tmp_path: Path, monkeypatch) -> None:
+    import kmnist.train
+
+    whole = fit(TINY, tiny_dataset, tmp_path / "whole", progress=False)
+    save, write_metrics = kmnist.train.atomic_torch_save, runs.write_metrics
+
+    def kill_in_epoch_2(name, epoch, action):
+        if name == killed_before and epoch == 2:
+            raise _Killed
+        action()
+
+    monkeypatch.setattr(kmnist.train, "atomic_torch_save", lambda payload, path: kill_in_epoch_2(
+        Path(path).name, payload["epoch"], lambda: save(payload, path)))
+    monkeypatch.setattr(runs, "write_metrics", lambda run_dir, rows: kill_in_epoch_2(
+        runs.METRICS, len(rows), lambda: write_metrics(run_dir, rows)))
+    with pytest.raises(_Killed):
+        fit(TINY, tiny_dataset, tmp_path / "cut", progress=False)
+    monkeypatch.undo()
+    # Epoch 2's best waits beside best.pt, which still holds epoch 1 (epoch 2 improved on validation).
+    assert whole[1]["val_acc"] > whole[0]["val_acc"]
+    assert load_checkpoint(tmp_path / "cut" / runs.BEST)["epoch"] == 1
+    assert (tmp_path / "cut" / runs.BEST_PENDING).is_file()
+    finished = load_checkpoint(tmp_path / "cut" / runs.LAST)["epoch"]
+    assert finished == (1 if killed_before == runs.LAST else 2)
+    resumed = fit(TINY, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
+    assert _drop_times(resumed) == _drop_times(whole) and not (tmp_path / "cut" / runs.BEST_PENDING).exists()
+    assert load_checkpoint(tmp_path / "cut" / runs.BEST)["epoch"] == load_checkpoint(tmp_path / "whole" / runs.BEST)["epoch"]
+
+
 def test_a_run_saved_before_a_config_field_existed_resumes(tiny_dataset, tmp_path: Path) -> None:
     # A field added later (here the distillation ones) is missing from older checkpoints; its default is
     # what such a run computed, so the run continues.

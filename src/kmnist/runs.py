@@ -21,6 +21,10 @@ SUMMARY = "summary.json"
 ENVIRONMENT = "environment.json"
 LAST = "last.pt"
 BEST = "best.pt"
+# An epoch's new best.pt waits here until the epoch's last.pt and metrics.csv are written, then replaces best.pt:
+# a run killed in between never keeps a best.pt of an epoch it will train again (rounded differently, if it
+# resumes under other placement). On resume, one of the last finished epoch is put in place, any other dropped.
+BEST_PENDING = ".best.pt.pending"
 PREDICTIONS = "test_predictions.npz"
 LOCK = ".lock"  # held by the process that trains the run
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 import warnings
 from contextlib import contextmanager
@@ -491,6 +492,22 @@ class Trainer:
         return payload["epoch"]
 
 
+def settle_pending_best(run_dir: Path, finished: int) -> None:
+    """A best.pt left waiting by a process killed after an epoch's last.pt: put in place if of that epoch (the
+    last finished one), else dropped (its epoch, not saved in last.pt, is trained again)."""
+    pending = run_dir / runs.BEST_PENDING
+    if not pending.is_file():
+        return
+    try:
+        epoch = load_checkpoint(pending)["epoch"]
+    except KmnistError:  # cut off mid-write cannot happen (atomic), but an unreadable file is no best.pt
+        epoch = None
+    if epoch == finished:
+        os.replace(pending, run_dir / runs.BEST)
+    else:
+        pending.unlink()
+
+
 def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None, resume: bool = False,
         progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Train `config.model` on `dataset`; returns one dict of metrics per epoch.
@@ -506,6 +523,7 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
         if run_dir is None or not (run_dir / runs.LAST).is_file():
             raise KmnistError(f"nothing to resume: no {runs.LAST} in {run_dir}")
         start = trainer.restore(run_dir / runs.LAST) + 1
+        settle_pending_best(run_dir, start - 1)
         # The checkpoint's history is the record: metrics.csv follows it (a run stopped by a kill that
         # cannot be held back, between last.pt and metrics.csv, has one row fewer in the file).
         runs.write_metrics(run_dir, trainer.history)
@@ -540,10 +558,13 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
             trainer.best_val_score = score
         if run_dir is not None:
             with runs.signals_deferred():  # a stop now waits for the epoch's files to agree
-                if improved or not len(trainer.val):
-                    atomic_torch_save(trainer.checkpoint(epoch, with_training_state=False), run_dir / runs.BEST)
+                new_best = improved or not len(trainer.val)
+                if new_best:
+                    atomic_torch_save(trainer.checkpoint(epoch, with_training_state=False), run_dir / runs.BEST_PENDING)
                 atomic_torch_save(trainer.checkpoint(epoch, with_training_state=True), run_dir / runs.LAST)
                 runs.write_metrics(run_dir, trainer.history)
+                if new_best:
+                    os.replace(run_dir / runs.BEST_PENDING, run_dir / runs.BEST)
         if on_epoch is not None:
             on_epoch(row)
     return trainer.history
