@@ -99,14 +99,15 @@ def record_environment(run_dir: Path, resumed: bool, placement: dict[str, Any] |
         except KmnistError:  # unreadable: this session's record replaces it
             first = None
         if isinstance(first, dict):
-            sessions = [first, *(s for s in first.get("resumed", []) if isinstance(s, dict))]
-            changed = [f"{key} {sessions[-1][key]} -> {now[key]}" for key in ROUNDING
-                       if key in sessions[-1] and sessions[-1][key] != now.get(key)]
+            earlier = first.get("resumed") if isinstance(first.get("resumed"), list) else []
+            last = [first, *(session for session in earlier if isinstance(session, dict))][-1]
+            changed = [f"{key} {last[key]} -> {now.get(key)}" for key in ROUNDING
+                       if key in last and last[key] != now.get(key)]
             if changed:
                 warnings.warn(f"{run_dir} resumes with other placement than it last ran with ({'; '.join(changed)}): "
                               "the same computation, rounded differently, so its numbers will differ a little "
                               "from those of a run that never stopped", KmnistWarning)
-            first["resumed"] = [*first.get("resumed", []), now]
+            first["resumed"] = [*earlier, now]
             now = first
     runs.write_json(path, now)
 
