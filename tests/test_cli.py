@@ -769,6 +769,9 @@ def test_evaluate_finds_an_unwritable_results_folder_before_the_work_and_leaves_
     code, _, err = run_cli(["evaluate", str(checkpoint), "--data-dir", str(tmp_path / "no-data")], capsys)
     assert_one_line_error(code, err, "kmnist files missing")
     assert sorted(p.name for p in checkpoint.parent.iterdir()) == ["best.pt"]  # no empty evaluation-test-best
+    code, _, err = run_cli(["evaluate", str(tmp_path / "typo" / "run" / "best.pt"), "--data-dir", str(tmp_path)],
+                           capsys)
+    assert code != 0 and not (tmp_path / "typo").exists()  # a mistyped path leaves none of its folders behind
 
     real_mkdir = Path.mkdir
 

@@ -374,6 +374,11 @@ def test_notes_explain_only_the_columns_shown_and_folders_without_a_config_are_n
     assert "1 folder(s) without config.json left out" in out
     assert f"Left out (1 folder(s) with run files but no config.json, so no settings to group them by): {copied}" in out
     assert str(copied) in (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    code = main(["report", str(copied), str(tmp_path / "runs" / "held-out"), "--out", str(tmp_path / "out2")])
+    assert code == 0 and "1 folder(s) without config.json left out" in capsys.readouterr().out  # named directly
+    code = main(["report", str(copied), "--out", str(tmp_path / "out3")])  # alone: nothing to report, one line
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "nothing to report: left out (1 folder(s)" in err
 
 
 def test_learning_curves_mark_the_epoch_chosen_by_validation(tmp_path: Path, monkeypatch) -> None:

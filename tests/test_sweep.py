@@ -130,6 +130,31 @@ def test_a_search_draws_the_same_points_again_from_the_same_seed() -> None:
         assert draws(spec) != draws(build_spec(**{method: ["lr=0.0001..0.1:log"]}, trials=3, config={"seed": 5}))
 
 
+def test_a_continued_search_draws_new_points_not_its_first_ones_again(data_dir: Path, tmp_path: Path, capsys,
+                                                                       monkeypatch) -> None:
+    import kmnist.runner
+
+    ran = []
+
+    def instant(config, run_dir, *args, **kwargs):  # the search, not the training, is under test
+        if len(ran) == stop_after:
+            raise KeyboardInterrupt
+        ran.append(config.lr)
+        return {"best_val_acc": 50.0, "selected_on": "val_acc", "test_acc_at_best_val": 50.0, "max_test_acc": 50.0,
+                "final_train_acc": 50.0, "final_test_acc": 50.0}
+
+    monkeypatch.setattr(kmnist.runner, "train_run", instant)
+    command = ["sweep", "--random", "lr=0.0001..0.1:log", "--trials", "25", "--data-dir", str(data_dir), "--skip-md5",
+               "--out", str(tmp_path / "search"), *TINY, "--epochs", "1"]
+    stop_after = 22  # more than the 20 repeated draws after which a search counts as exhausted
+    code, _, _ = run_cli(command, capsys)
+    assert code == 130 and len(ran) == 22
+    stop_after = None
+    code, stdout, err = run_cli(command, capsys)
+    assert code == 0, err
+    assert "25/25 runs complete" in stdout and len(set(ran)) == 25
+
+
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # this test asks the study by hand
 def test_ledger_reruns_only_dead_trials(tmp_path: Path) -> None:
     """A RUNNING trial whose worker's lock is free is failed and queued again; a live one is left alone."""

@@ -487,13 +487,17 @@ def test_a_resume_that_rounds_differently_is_warned_about_and_recorded(tmp_path:
         warnings.simplefilter("error")
         runner.record_environment(tmp_path, resumed=True, placement=placement)  # as it ran: nothing to say
     real = runinfo.environment
+    monkeypatch.setattr(runner, "environment", lambda: {**real(), "gpus": ["a GPU it does not use"]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        runner.record_environment(tmp_path, resumed=True, placement=placement)  # on the CPU, GPUs do not round
     monkeypatch.setattr(runner, "environment", lambda: {**real(), "torch_threads": 97})
     with pytest.warns(KmnistWarning, match=r"other placement than it last ran with \(torch_threads \d+ -> 97\)"):
         runner.record_environment(tmp_path, resumed=True, placement=placement)
     with pytest.warns(KmnistWarning, match=r"precision fp32 -> bf16"):
         runner.record_environment(tmp_path, resumed=True, placement={"device": "cpu", "precision": "bf16"})
     record = runs.read_json(tmp_path / runs.ENVIRONMENT)
-    assert record["precision"] == "fp32" and [s["torch_threads"] for s in record["resumed"]][1:] == [97, 97]
+    assert record["precision"] == "fp32" and [s["torch_threads"] for s in record["resumed"]][2:] == [97, 97]
 
 
 def test_distillation_settings_without_a_teacher_are_warned_about() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -13,9 +14,9 @@ from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import PRECISIONS
 from kmnist.data import load_dataset, pixel_stats, split_validation
-from kmnist.errors import KmnistError
+from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.metrics import (TTA_SHIFTS, accuracy, balanced_accuracy, confusion_matrix, per_class_accuracy,
-                            predict_logits, uses_bf16)
+                            emulates_bf16, predict_logits, uses_bf16)
 from kmnist.train import select_device
 
 
@@ -26,7 +27,7 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
     """score_checkpoints, then its metrics.json and confusion matrix PNG written to `out` (default: a folder
     beside the first checkpoint, default_folder_name); returns the metrics with the PNG's path."""
     out = Path(out) if out else Path(paths[0]).parent / default_folder_name(paths, split, tta)
-    made = not out.exists()
+    made = [folder for folder in (out, *out.parents) if not folder.exists()]  # deepest first
     try:  # before the work: a folder that cannot be written (the checkpoint's, read-only) is found now
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -35,8 +36,9 @@ def evaluate_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, spli
         result = score_checkpoints(paths, data_dir, split, device, expected_model, batch_size, check_md5, tta,
                                    precision)
     except BaseException:
-        if made and not any(out.iterdir()):  # nothing was written: no empty folder left behind
-            out.rmdir()
+        for folder in made:  # nothing was written: no empty folders left behind (a mistyped path made them all)
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         raise
     png = plots.confusion_matrix(result["confusion_matrix"], result["class_names"], out / "confusion_matrix.png",
                                  title=f"{split} confusion ({len(paths)} checkpoint(s))")
@@ -87,6 +89,10 @@ def score_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: 
     probabilities = torch.zeros(len(images_labels), len(first["class_names"]))
     member_predictions = []  # (images,) per checkpoint: what each member alone predicts
     precisions = [precision or payload["config"].get("precision", "auto") for payload in payloads]
+    if any(emulates_bf16(target, p) for p in precisions):
+        warnings.warn("a checkpoint trained in bf16 is scored in bf16, which this CPU has no units for: emulated, "
+                      "many times slower; --precision fp32 is faster (its score may differ by an image or two)",
+                      KmnistWarning)
     for model, payload, member_precision in zip(models, payloads, precisions):
         logits = predict_logits(model.to(target), images_labels.images, batch_size=batch_size, tta=tta,
                                 precision=member_precision, **payload["normalization"])

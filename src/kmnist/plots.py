@@ -27,7 +27,7 @@ def _kana_font() -> dict[str, Any]:
         import matplotlib_fontja  # registers IPAexGothic (its own rc change is undone with the figure's context)
     except ImportError:  # characters then show as boxes, but the figure is still written
         return {}
-    return {"font.family": matplotlib_fontja.matplotlib_fontja.FONT_NAME}
+    return {"font.family": getattr(getattr(matplotlib_fontja, "matplotlib_fontja", None), "FONT_NAME", "IPAexGothic")}
 
 
 def _figure_settings(plot: Plot) -> Plot:

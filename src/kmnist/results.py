@@ -82,7 +82,7 @@ def find_run_dirs(paths: Iterable[str | Path]) -> list[Path]:
             found.append(path)
             continue
         below = sorted(config.parent for config in path.rglob(runs.CONFIG))
-        if not below:
+        if not below and not folders_without_config([path]):  # (run files without config.json: named as left out)
             raise KmnistError(f"{path} holds no run directories (no {runs.CONFIG} below it)")
         found.extend(below)
     unique: dict[Path, Path] = {}
@@ -201,6 +201,7 @@ def collect(paths: Iterable[str | Path]) -> Results:
     """Every run below `paths`, grouped, with the hardware they ran on."""
     from kmnist.runinfo import hardware_summary
 
+    paths = list(paths)  # read twice: the runs, then the folders left out
     all_runs = read_runs(paths)
     groups, varying = group_runs(all_runs)
     hardware = sorted({hardware_summary(env) for run in all_runs if run.complete and run.environment

@@ -83,8 +83,10 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
 
 
 # What sets a run's floating-point rounding besides its config: a session that differs in one of these computes
-# the same thing, but its numbers part from those of a run that never stopped.
-ROUNDING = ("device", "precision", "torch_threads", "cpu", "gpus", "torch")
+# the same thing, but its numbers part from those of a run that never stopped. The CPU's threads and model
+# matter to a run on the CPU, the GPUs to one on a GPU.
+ROUNDING = ("device", "precision", "torch")
+ROUNDING_ON = {"cpu": ("torch_threads", "cpu"), "cuda": ("gpus",)}
 
 
 def record_environment(run_dir: Path, resumed: bool, placement: dict[str, Any] | None = None) -> None:
@@ -101,7 +103,8 @@ def record_environment(run_dir: Path, resumed: bool, placement: dict[str, Any] |
         if isinstance(first, dict):
             earlier = first.get("resumed") if isinstance(first.get("resumed"), list) else []
             last = [first, *(session for session in earlier if isinstance(session, dict))][-1]
-            changed = [f"{key} {last[key]} -> {now.get(key)}" for key in ROUNDING
+            keys = (*ROUNDING, *ROUNDING_ON.get(str(now.get("device", "cpu")).split(":")[0], ()))
+            changed = [f"{key} {last[key]} -> {now.get(key)}" for key in keys
                        if key in last and last[key] != now.get(key)]
             if changed:
                 warnings.warn(f"{run_dir} resumes with other placement than it last ran with ({'; '.join(changed)}): "

@@ -151,28 +151,30 @@ def open_storage(url: str, heartbeat_seconds: int):
         raise KmnistError(f"cannot open sweep storage {redact(url)}: {reason[:200]}") from None
 
 
-def sampler_seed(spec: SweepSpec) -> int:
-    """The seed of this process's search sampler: fixed by the sweep's first training seed, so one worker draws
-    the same points every time; each worker of a parallel sweep its own sequence (else they would draw alike)."""
+def sampler_seed(spec: SweepSpec, trials_before: int = 0) -> int:
+    """The seed of this process's search sampler, from the sweep's first training seed, the worker (each worker
+    of a parallel sweep draws its own sequence, else they would draw alike) and the trials the study held when
+    the worker started (Optuna keeps no sampler state: a continued search must not draw its first points
+    again). So a new search with --jobs 1 samples the same points every time."""
     import multiprocessing
 
     name = multiprocessing.current_process().name  # kmnist-sweep-N for worker N (run_sweep names them)
     worker = int(name.rsplit("-", 1)[1]) if name.startswith("kmnist-sweep-") else 0
-    return (spec.seeds[0] * 7919 + worker) % 2**32  # 7919, a prime: no two (seed, worker) pairs meet
+    return hash((spec.seeds[0], worker, trials_before)) % 2**32  # ints hash alike in every process
 
 
-def make_sampler(spec: SweepSpec):
+def make_sampler(spec: SweepSpec, trials_before: int = 0):
     import optuna
 
     if spec.method == "grid":
         # The same seed in every worker, so a grid id names the same point everywhere.
         return optuna.samplers.GridSampler(search_space(spec), seed=0)
     if spec.method == "random":
-        return optuna.samplers.RandomSampler(seed=sampler_seed(spec))
+        return optuna.samplers.RandomSampler(seed=sampler_seed(spec, trials_before))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         # constant_liar: parallel workers do not all try one region
-        return optuna.samplers.TPESampler(constant_liar=True, seed=sampler_seed(spec))
+        return optuna.samplers.TPESampler(constant_liar=True, seed=sampler_seed(spec, trials_before))
 
 
 def identity(spec: SweepSpec) -> dict[str, Any]:
@@ -221,6 +223,8 @@ def open_study(spec: SweepSpec, placement: SweepPlacement, storage):
         if failure is None:
             raise
         raise failure from None
+    if spec.method != "grid":  # a continued search draws on from where it stands, not from its first points
+        study.sampler = make_sampler(spec, len(study.get_trials(deepcopy=False)))
     saved, wanted = study.user_attrs.get("kmnist_sweep"), identity(spec)
     if saved is None:
         study.set_user_attr("kmnist_sweep", wanted)
