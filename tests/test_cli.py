@@ -784,3 +784,16 @@ def test_evaluate_finds_an_unwritable_results_folder_before_the_work_and_leaves_
     code, _, err = run_cli(["evaluate", str(checkpoint), "--data-dir", str(tmp_path / "no-data")], capsys)
     assert_one_line_error(code, err, "evaluation-test-best: Operation not permitted; name a folder for the results "
                                      "with --out DIR")
+
+
+def test_evaluate_warns_when_a_bf16_checkpoint_would_run_emulated(tiny_checkpoint: Path, data_dir: Path,
+                                                                  tmp_path: Path, monkeypatch, capsys) -> None:
+    import kmnist.evaluate
+
+    monkeypatch.setattr(kmnist.evaluate, "emulates_bf16", lambda device, precision: precision == "bf16")
+    code, _, err = run_cli(["evaluate", str(tiny_checkpoint), "--data-dir", str(data_dir), "--skip-md5", "--precision",
+                            "bf16", "--out", str(tmp_path / "e")], capsys)
+    assert code == 0 and "emulated, many times slower; --precision fp32 is faster" in err
+    code, _, err = run_cli(["evaluate", str(tiny_checkpoint), "--data-dir", str(data_dir), "--skip-md5", "--precision",
+                            "fp32", "--out", str(tmp_path / "f")], capsys)
+    assert code == 0 and "emulated" not in err
