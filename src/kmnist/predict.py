@@ -11,7 +11,7 @@ import torch
 
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.errors import ImageError, KmnistError
-from kmnist.imageprep import Limits, prepare_file
+from kmnist.imageprep import FORMATS, Limits, prepare_file
 from kmnist.metrics import predict_logits
 
 
@@ -61,7 +61,8 @@ def expand_inputs(inputs: Sequence[str | Path], recursive: bool = False) -> list
     its name."""
     from PIL import Image
 
-    image_suffixes = {suffix.lower() for suffix in Image.registered_extensions()}
+    # The extensions of the formats read (imageprep.FORMATS): a folder's .eps or .txt is not an input.
+    image_suffixes = {suffix.lower() for suffix, name in Image.registered_extensions().items() if name in FORMATS}
     files: list[FileInput] = []
     for item in inputs:
         path = Path(item)
