@@ -33,7 +33,13 @@ def cpu_features() -> list[str]:
 
 
 def git_revision() -> str | None:
-    """The commit of the kmnist source tree (with '-dirty' for uncommitted changes), if it is a checkout."""
+    """The commit of the kmnist source tree this process runs (with '-dirty' for uncommitted changes), if it is a
+    checkout: read when the code was loaded, so a long-lived process (a sweep's worker) records the code it
+    runs, not a commit made in the checkout since."""
+    return _LOADED_REVISION
+
+
+def _read_git_revision() -> str | None:
     here = Path(__file__).resolve().parent
     try:
         revision = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -43,6 +49,9 @@ def git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return revision + ("-dirty" if dirty else "")
+
+
+_LOADED_REVISION = _read_git_revision()
 
 
 def package_version(name: str) -> str | None:

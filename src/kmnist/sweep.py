@@ -664,6 +664,10 @@ def worker_process(spec_data: dict[str, Any], placement: SweepPlacement, parent:
     _exit_with_parent()
     if os.getppid() != parent:  # the sweep died before this worker was ready
         return
+    from kmnist.runinfo import git_revision
+
+    git_revision()  # read when first imported (now): every trial's environment.json names the code this worker runs
+
     quiet_optuna()
     try:
         Worker(SweepSpec.from_dict(spec_data), placement).run()
