@@ -187,9 +187,12 @@ def test_sigkill_mid_trial_then_restart(data_dir: Path, tmp_path: Path) -> None:
     """kill -9 of a whole 2-worker sweep while one trial runs and the other has finished, then the same command:
     each point ends with exactly one complete result, the finished run is not run again, the cut-off run resumes."""
     out = tmp_path / "killed"
-    command = [sys.executable, "-m", "kmnist", "sweep", "--grid", "epochs=3,14", "--jobs", "2", "--data-dir",
+    # The long run must still be going when the short one has ended, figures and all: the short run's end
+    # (predictions, its first matplotlib figures) can take as long as 14 tiny epochs on a loaded machine, so the
+    # long run has 60.
+    command = [sys.executable, "-m", "kmnist", "sweep", "--grid", "epochs=3,60", "--jobs", "2", "--data-dir",
                str(data_dir), "--skip-md5", "--out", str(out), *WITHOUT_EPOCHS, "--batch-size", "16"]
-    short, long = "epochs=3,seed=0", "epochs=14,seed=0"
+    short, long = "epochs=3,seed=0", "epochs=60,seed=0"
     process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 240
     while time.time() < deadline and process.poll() is None:
@@ -212,7 +215,7 @@ def test_sigkill_mid_trial_then_restart(data_dir: Path, tmp_path: Path) -> None:
     trials = load_trials(out)
     assert completed_by_point(trials) == {short: 1, long: 1}
     assert (finished.read_bytes(), finished.stat().st_mtime_ns) == before  # not run again
-    assert [row["epoch"] for row in runs.read_metrics(out / TRIALS / long)] == list(range(1, 15))
+    assert [row["epoch"] for row in runs.read_metrics(out / TRIALS / long)] == list(range(1, 61))
     rerun = next(t for t in trials if t.state.name == "COMPLETE" and t.user_attrs["point"] == long)
     assert rerun.user_attrs.get("resumed") == (cut_at > 0 or None)  # it went on from last.pt
     assert not any(t.state.name in ("RUNNING", "WAITING") for t in trials)
