@@ -378,7 +378,7 @@ def test_notes_explain_only_the_columns_shown_and_folders_without_a_config_are_n
     assert code == 0 and "1 folder(s) without config.json left out" in capsys.readouterr().out  # named directly
     code = main(["report", str(copied), "--out", str(tmp_path / "out3")])  # alone: nothing to report, one line
     err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and "nothing to report: left out (1 folder(s)" in err
+    assert code == 2 and err.count("\n") == 1 and "nothing to report; Left out (1 folder(s)" in err
 
 
 def test_learning_curves_mark_the_epoch_chosen_by_validation(tmp_path: Path, monkeypatch) -> None:

@@ -469,10 +469,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
             raise KmnistError(f"{run_dir} already holds a run; choose another --out (bench --full trains a new one)")
         prepare_run(config, run_dir, resume=False)
     dataset = load_dataset(config.dataset, data_dir_from_args(args), check_md5=not args.skip_md5)
-    from kmnist.metrics import uses_bf16
+    from kmnist.metrics import resolved_precision
     from kmnist.train import training_device
 
-    resolved = "bf16" if uses_bf16(training_device(config), config.precision) else "fp32"
+    resolved = resolved_precision(training_device(config), config.precision)
     precision = config.precision if config.precision == resolved else f"{config.precision}: {resolved} here"
     say(f"benchmarking {name} ({config.model}, batch {config.batch_size}, precision {precision}); "
         f"{args.repeats} run(s) of each measurement")

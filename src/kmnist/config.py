@@ -146,7 +146,7 @@ class TrainConfig:
 
 MAX_THREADS = 4096  # torch takes a C int; far more than any machine's cores
 
-# Random streams are seeded with train.stream_seed: (seed * 1_000_003 + epoch) * 8 + stream, which torch takes in 64 bits.
+# Random streams are seeded with train.stream_seed, (seed * 1_000_003 + epoch) * 8 + stream: torch takes 64 bits.
 SEED_LIMIT = 10**12
 
 

@@ -7,6 +7,7 @@ import gzip
 import hashlib
 import http.client
 import io
+import math
 import os
 import shlex
 import struct
@@ -450,6 +451,13 @@ def pixel_stats(images: torch.Tensor) -> tuple[float, float]:
     """Mean and standard deviation of pixel values scaled to [0, 1]."""
     scaled = images.float().div_(255)
     return float(scaled.mean()), float(scaled.std())
+
+
+def same_pixel_stats(saved: dict[str, float], mean: float, std: float) -> bool:
+    """Whether a run's normalisation (its training images' pixel statistics) is that of these images: the same
+    data files. They are float32 sums over millions of pixels, so other thread counts move their last digits."""
+    return (math.isclose(float(saved["mean"]), mean, rel_tol=1e-5)
+            and math.isclose(float(saved["std"]), std, rel_tol=1e-5))
 
 
 def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import math
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -13,10 +12,10 @@ import torch
 from kmnist import plots, runs
 from kmnist.checkpoint import load_checkpoint, model_from_checkpoint
 from kmnist.config import PRECISIONS
-from kmnist.data import load_dataset, pixel_stats, split_validation
+from kmnist.data import load_dataset, pixel_stats, same_pixel_stats, split_validation
 from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.metrics import (TTA_SHIFTS, accuracy, balanced_accuracy, confusion_matrix, per_class_accuracy,
-                            emulates_bf16, predict_logits, uses_bf16)
+                            emulates_bf16, predict_logits, resolved_precision)
 from kmnist.train import select_device
 
 
@@ -109,7 +108,7 @@ def score_checkpoints(paths: Sequence[str | Path], data_dir: str | Path, split: 
         "models": [p["model"] for p in payloads],
         "tta_views": tta,
         # what the forward passes ran in on this device (auto resolved), one per checkpoint
-        "precision": ["bf16" if uses_bf16(target, p) else "fp32" for p in precisions],
+        "precision": [resolved_precision(target, p) for p in precisions],
         "accuracy": accuracy(predicted, labels),
         "balanced_accuracy": balanced_accuracy(confusion),
         "per_class_accuracy": dict(zip(first["class_names"], per_class_accuracy(confusion).tolist())),
@@ -127,9 +126,7 @@ def check_same_training_images(paths: Sequence[str | Path], payloads: Sequence[d
     mean, std = pixel_stats(trained_on.images)
     for path, payload in zip(paths, payloads):
         saved = payload["normalization"]
-        # float32 sums over millions of pixels: other thread counts move their last digits
-        if not (math.isclose(float(saved["mean"]), mean, rel_tol=1e-5)
-                and math.isclose(float(saved["std"]), std, rel_tol=1e-5)):
+        if not same_pixel_stats(saved, mean, std):
             raise KmnistError(f"{path} was trained on other data files (training pixels: mean "
                               f"{float(saved['mean']):.5f}, std {float(saved['std']):.5f}; these: {mean:.5f}, "
                               f"{std:.5f}), so its validation split cannot be rebuilt from them; give the --data-dir "

@@ -19,6 +19,11 @@ def uses_bf16(device: torch.device, precision: str) -> bool:
     return precision == "bf16"
 
 
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """What a precision setting computes in on `device`: "bf16" or "fp32" (auto resolved)."""
+    return "bf16" if uses_bf16(device, precision) else "fp32"
+
+
 def emulates_bf16(device: torch.device, precision: str) -> bool:
     """Whether bf16 was asked for on a CPU that has no bf16 matrix units: it then runs emulated, many times slower."""
     return precision == "bf16" and device.type == "cpu" and not has_fast_bf16()

@@ -309,7 +309,7 @@ def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None
     """Build every report file in `out` from the run directories below `paths`; returns what was written."""
     results = collect(paths)
     if not results.groups and not results.incomplete and results.unreadable:
-        raise KmnistError(f"nothing to report: {unreadable_text(results)[0].lower()}{unreadable_text(results)[1:]}")
+        raise KmnistError(f"nothing to report; {unreadable_text(results)}")
     if not results.groups and not results.progress:
         raise KmnistError(f"nothing to report: {len(results.incomplete)} run(s) without summary.json and without "
                           f"a readable finished epoch (cut off, running or failed): "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 import subprocess
@@ -32,14 +33,11 @@ def cpu_features() -> list[str]:
     return [name for name in CPU_FEATURES if name in flags]
 
 
+@functools.cache
 def git_revision() -> str | None:
     """The commit of the kmnist source tree this process runs (with '-dirty' for uncommitted changes), if it is a
-    checkout: read when the code was loaded, so a long-lived process (a sweep's worker) records the code it
-    runs, not a commit made in the checkout since."""
-    return _LOADED_REVISION
-
-
-def _read_git_revision() -> str | None:
+    checkout: read once, at the first call, so a long-lived process (a sweep's worker, which asks when it
+    starts) records the code it loaded, not a commit made in the checkout since."""
     here = Path(__file__).resolve().parent
     try:
         revision = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -49,9 +47,6 @@ def _read_git_revision() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return revision + ("-dirty" if dirty else "")
-
-
-_LOADED_REVISION = _read_git_revision()
 
 
 def package_version(name: str) -> str | None:

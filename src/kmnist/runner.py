@@ -16,7 +16,7 @@ from kmnist.config import PLACEMENT_FIELDS, TrainConfig, config_from_dict, optio
 from kmnist.data import Dataset, check_val_size, is_balanced, load_dataset, selection_metric
 from kmnist.errors import KmnistError, KmnistWarning
 from kmnist.files import atomic_writer
-from kmnist.metrics import confusion_matrix, predict_logits, uses_bf16
+from kmnist.metrics import confusion_matrix, predict_logits, resolved_precision
 from kmnist.models import create_model
 from kmnist.runinfo import environment
 from kmnist.train import check_teacher, fit, select_device, training_device
@@ -75,7 +75,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
     device = training_device(config)
     with runs.training_lock(run_dir):
         record_environment(run_dir, resumed=resume, placement={
-            "device": str(device), "precision": "bf16" if uses_bf16(device, config.precision) else "fp32"})
+            "device": str(device), "precision": resolved_precision(device, config.precision)})
         # A run cut off before its first epoch ended has no last.pt: it simply starts again.
         history = fit(config, dataset, run_dir, resume=resume and (run_dir / runs.LAST).is_file(),
                       progress=progress, on_epoch=on_epoch)

@@ -666,7 +666,7 @@ def worker_process(spec_data: dict[str, Any], placement: SweepPlacement, parent:
         return
     from kmnist.runinfo import git_revision
 
-    git_revision()  # read when first imported (now): every trial's environment.json names the code this worker runs
+    git_revision()  # read once, now: every trial's environment.json names the code this worker loaded
 
     quiet_optuna()
     try:

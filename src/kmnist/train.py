@@ -20,7 +20,7 @@ from kmnist.augment import AugmentSettings, augment, mix
 from kmnist.checkpoint import atomic_torch_save, load_checkpoint, make_checkpoint, model_from_checkpoint
 from kmnist.config import GRAPH_MODES, TORCH_COMPILE_MODES, TrainConfig, same_experiment
 from kmnist.cpu import keep_freed_memory
-from kmnist.data import Dataset, Split, normalize, pixel_stats, selection_metric, split_validation
+from kmnist.data import Dataset, Split, normalize, pixel_stats, same_pixel_stats, selection_metric, split_validation
 from kmnist.errors import KmnistError, KmnistWarning, TrainingDiverged
 from kmnist.graphed import GraphedStep
 from kmnist.metrics import (accuracy, autocast_for, balanced_accuracy, confusion_matrix, cross_entropy,
@@ -454,9 +454,7 @@ class Trainer:
     def check_same_data(self, path: Path, normalization: dict[str, float], images: dict[str, int] | None) -> None:
         """A run resumed on other data files would end unlike the run it continues: refuse it."""
         sizes = {"train": len(self.train), "val": len(self.val), "test": len(self.test)}
-        # The statistics are float32 sums over millions of pixels: other thread counts move their last digits.
-        same_pixels = all(math.isclose(float(normalization[key]), self.normalization[key], rel_tol=1e-5)
-                          for key in ("mean", "std"))
+        same_pixels = same_pixel_stats(normalization, self.normalization["mean"], self.normalization["std"])
         if images is not None and images != sizes:
             count = lambda split: "/".join(str(split[key]) for key in ("train", "val", "test"))  # noqa: E731
             detail = f"train/val/test images: {count(images)}; these: {count(sizes)}"
