@@ -184,7 +184,7 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["train", "--epochs", "zero"], "epochs must be a whole number"),
     (["train", "--epochs", "1.5"], "epochs must be a whole number"),
     (["train", "--lr", "inf"], "lr must be a finite number"),
-    (["train", "--weight-decay", "nan"], "weight_decay must be a finite number"),
+    (["train", "--weight-decay", "nan"], "--weight-decay must be a finite number"),
     (["train", "--ema", "1.5"], "ema must be in [0, 1), got 1.5"),
     (["train", "--seed", "9223372036854775807"], "seed must be between -999999999999 and 999999999999"),
     (["train", "--seed", "-1000000000000"], "seed must be between"),
@@ -197,12 +197,12 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["train", "--model-arg", "residual=maybe"], "residual must be true or false"),
     (["train", "--model", "mixer", "--model-arg", "drop_path=5"], "drop_path is a rate"),
     (["train", "--model", "mixer", "--model-arg", "dropout=nan"], "dropout must be a finite number"),
-    (["train", "--lr", "-1"], "lr must be positive"),
+    (["train", "--lr", "-1"], "--lr must be positive"),
     (["train", "--model", "mixer", "--model-arg", "patch=30", "--model-arg", "stride=2"], "must tile 28 pixels"),
     (["train", "--preset", "quick-cnn", "--model-arg", "width=" + "1" * 20], "width must be a whole number of at most"),
     (["train", "--model", "mixer", "--model-arg", "drop_path=1" + "0" * 400], "drop_path must be a finite number"),
-    (["train", "--epochs", "3", "--clean-epochs", "4"], "clean_epochs must be between 0 and epochs (3), got 4"),
-    (["train", "--device", "tpu"], "device must be one of"),
+    (["train", "--epochs", "3", "--clean-epochs", "4"], "--clean-epochs must be between 0 and epochs (3), got 4"),
+    (["train", "--device", "tpu"], "--device must be one of"),
     (["train", "--model", "nope"], "unknown model"),
     (["train", "--model-arg", "patch=5"], "patch must divide"),
     (["train", "--preset", "nope"], "invalid choice"),
@@ -220,14 +220,22 @@ def test_without_validation_split_the_final_epoch_is_the_result(data_dir: Path, 
     (["serve", "a.pt", "--max-upload-mb", "inf"], "--max-upload-mb: must be a finite number"),
     (["serve", "a.pt", "--max-upload-mb", "0"], "--max-upload-mb: must be a positive number"),
     (["export", "a.pt", "--onnx", "a.onnx", "--tolerance", "-1"], "--tolerance: must be 0 or more"),
-    (["train", "--val-size", "999999"], "val_size must be between 0 and"),  # checked once the data is loaded
+    (["train", "--val-size", "999999"], "--val-size must be between 0 and"),  # checked once the data is loaded
     # One training image left would make no batch at all (a batch of one is dropped for BatchNorm).
-    (["train", "--val-size", "599"], "val_size must be between 0 and 598 (at least 2 training images left), got 599"),
-    (["train", "--optimizer", "sgd", "--momentum", "0"], "momentum must be in (0, 1), got 0.0"),
-    (["train", "--momentum", "5"], "momentum must be in (0, 1), got 5.0"),
-    (["train", "--threads", "100000000000"], "threads must be at most 4096"),
-    (["train", "--scale", "1"], "scale must be below 1"),  # a factor of 0 or less: a character shrunk away or turned
-    (["train", "--shear", "90"], "shear must be below 90 degrees"),
+    (["train", "--val-size", "599"], "--val-size must be between 0 and 598 (at least 2 training images left), got 599"),
+    (["train", "--optimizer", "sgd", "--momentum", "0"], "--momentum must be in (0, 1), got 0.0"),
+    (["train", "--momentum", "5"], "--momentum must be in (0, 1), got 5.0"),
+    (["train", "--threads", "100000000000"], "--threads must be at most 4096"),
+    (["train", "--scale", "1"], "--scale must be below 1"),  # a factor of 0 or less: a character shrunk away or turned
+    (["train", "--shear", "90"], "--shear must be below 90 degrees"),
+    # A shift or distortion of a whole side leaves a blank image; past 180 degrees a turn is a smaller one.
+    (["train", "--translate", "28"], "--translate must be below 28 pixels (the image's side), got 28.0"),
+    (["train", "--elastic", "1e3"], "--elastic must be below 28 pixels"),
+    (["train", "--rotate", "181"], "--rotate must be at most 180 degrees, got 181.0"),
+    # A negative number in scientific notation is the option's value (argparse before 3.13 took it for an option).
+    (["train", "--weight-decay", "-5e-4"], "--weight-decay must not be negative, got -0.0005"),
+    (["train", "--lr=-1E-3"], "--lr must be positive, got -0.001"),
+    (["train", "--seed", "-1e13"], "--seed must be between"),
     (["sweep", "--grid", "lr=0.001,0.01", "--val-size", "999999", "--out", "sweeps/s"], "val_size must be between"),
     (["sweep", "--grid", "lr=0.001,0.01", "--teacher", "/no/such/teacher.pt", "--val-size", "100", "--out", "sweeps/s"],
      "checkpoint not found"),
@@ -239,6 +247,18 @@ def test_bad_options_give_one_line(args: list[str], fragment: str, data_dir: Pat
     code, _, err = run_cli([*args, "--data-dir", str(data_dir), "--skip-md5"] if with_data else args, capsys)
     assert_one_line_error(code, err, fragment)
     assert not (tmp_path / "runs").exists() and not (tmp_path / "sweeps").exists()
+
+
+def test_errors_name_the_option_or_the_config_field_that_was_given(data_dir: Path, tmp_path: Path, monkeypatch,
+                                                                    capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("bad.toml").write_text("lr = -1.0\nval_size = 999999\n")
+    for args, fragment in ((["--config", "bad.toml"], "error: lr must be positive"),  # the file's own words
+                           (["--config", "bad.toml", "--lr", "0.1"], "error: val_size must be between"),
+                           (["--config", "bad.toml", "--lr", "-2"], "error: --lr must be positive, got -2.0")):
+        code, _, err = run_cli(["train", *args, "--data-dir", str(data_dir), "--skip-md5"], capsys)
+        assert_one_line_error(code, err, fragment)
+    assert not Path("runs").exists()
 
 
 def test_a_path_that_cannot_be_written_is_one_line(data_dir: Path, tmp_path: Path, monkeypatch, capsys) -> None:

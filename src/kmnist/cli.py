@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import sys
@@ -30,6 +31,9 @@ BALANCED_EPOCH_COLUMNS = (EPOCH_COLUMNS[:5] + (("val_bal_acc", "{:>11.2f}"),) + 
                           + (("test_bal_acc", "{:>12.2f}"),) + EPOCH_COLUMNS[6:])
 
 
+NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad option is one line on stderr and exit 2."""
 
@@ -39,6 +43,9 @@ class Parser(argparse.ArgumentParser):
         # No abbreviations (--ep for --epochs): one would change meaning, silently, when a new option shares it.
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        # A negative number in scientific notation is a value, not an option: `--weight-decay -5e-4` (argparse
+        # before Python 3.13 knew only -5 and -0.5).
+        self._negative_number_matcher = NEGATIVE_NUMBER
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -114,18 +121,39 @@ def parse_key_values(items: Sequence[str], what: str) -> dict[str, Any]:
     return values
 
 
+def given_fields(args: argparse.Namespace) -> list[str]:
+    """The config fields set by options on this command line."""
+    return [name for name in FIELDS if name != "model_args" and getattr(args, name, None) is not None]
+
+
+def in_option_terms(error: KmnistError, fields: Sequence[str]) -> KmnistError:
+    """The error in the words of the command line: `lr must be positive` -> `--lr must be positive` when the
+    value came from --lr (a config file's value keeps its field name, which is what the file says)."""
+    message = str(error)
+    for name in sorted(fields, key=len, reverse=True):
+        if message.startswith(f"{name} "):
+            return KmnistError(option_flag(name) + message[len(name):])
+    return error
+
+
+# Config fields whose range depends on the data (the training split's size), checked once it is loaded.
+CHECKED_WITH_DATA = ("val_size",)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     overrides = {name: getattr(args, name) for name in FIELDS if name != "model_args"}
     file_values = load_config_file(args.config) if args.config else {}
     overrides["model_args"] = parse_key_values(args.model_arg, "--model-arg")
-    return resolve_config(preset=args.preset, file_values=file_values, overrides=overrides)
+    try:
+        return resolve_config(preset=args.preset, file_values=file_values, overrides=overrides)
+    except KmnistError as error:
+        raise in_option_terms(error, given_fields(args)) from None
 
 
 def config_values_from_args(args: argparse.Namespace) -> tuple[str | None, dict[str, Any]]:
     """(preset, fixed config fields) as given by --preset, --config and options, not yet resolved (for sweeps)."""
     preset, values = split_preset(load_config_file(args.config) if args.config else {}, args.preset)
-    values.update({name: getattr(args, name) for name in FIELDS
-                   if name != "model_args" and getattr(args, name, None) is not None})
+    values.update({name: getattr(args, name) for name in given_fields(args)})
     model_args = parse_key_values(args.model_arg, "--model-arg")
     if model_args:
         values["model_args"] = {**(values.get("model_args") or {}), **model_args}
@@ -399,6 +427,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except BaseException as error:
         if not (run_dir / runs.CONFIG).exists():  # stopped before the run began: no empty folder left behind
             remove_empty_folders(claimed)
+        if isinstance(error, KmnistError):  # the fields that can be checked only against the data
+            translated = in_option_terms(error, [name for name in given_fields(args) if name in CHECKED_WITH_DATA])
+            if translated is not error:
+                raise translated from None
         if not interrupted(error):
             raise
         again = resume_command(args, config, run_dir)

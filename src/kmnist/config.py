@@ -14,6 +14,7 @@ import yaml
 from kmnist.errors import KmnistError
 
 DATASETS = ("kmnist", "k49")
+IMAGE_SIZE = 28  # pixels per side in both datasets
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("plateau", "cosine", "onecycle", "none")
 DEVICES = ("auto", "cpu", "cuda")
@@ -118,6 +119,14 @@ class TrainConfig:
             raise KmnistError(f"scale must be below 1 (factors 1 - scale to 1 + scale), got {self.scale}")
         if self.shear >= 90:
             raise KmnistError(f"shear must be below 90 degrees, got {self.shear}")
+        # A shift or a distortion of a whole image side (28 pixels in both datasets) leaves a blank image; a turn
+        # past 180 degrees is a smaller one the other way.
+        for name in ("translate", "elastic"):
+            if getattr(self, name) >= IMAGE_SIZE:
+                raise KmnistError(f"{name} must be below {IMAGE_SIZE} pixels (the image's side), "
+                                  f"got {getattr(self, name)}")
+        if self.rotate > 180:
+            raise KmnistError(f"rotate must be at most 180 degrees, got {self.rotate}")
         if not 0 <= self.label_smoothing < 1:
             raise KmnistError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if not 0 <= self.distill_weight <= 1:

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from kmnist.config import IMAGE_SIZE
 from kmnist.errors import DataError, KmnistWarning
 from kmnist.files import atomic_writer
 
-IMAGE_SIZE = 28  # pixels per side in both datasets
 IDX_IMAGES_MAGIC = 2051
 IDX_LABELS_MAGIC = 2049
 

@@ -8,7 +8,7 @@ from torch import nn
 from kmnist.models.fused import mlp
 from kmnist.models.registry import register_model
 
-IMAGE_SIZE = 28  # pixels per side (as data.IMAGE_SIZE; models import nothing outside models/)
+IMAGE_SIZE = 28  # pixels per side (as config.IMAGE_SIZE; models import nothing outside models/)
 
 
 def patchify(images: torch.Tensor, patch: int) -> torch.Tensor:
