@@ -64,6 +64,24 @@ def test_groups_by_configuration_seed_aside(tmp_path: Path) -> None:
     assert "test-selected" in table and "cut" in table and "Test CPU, 2 threads" in table
 
 
+def test_a_folder_of_unrelated_runs_is_labelled_by_the_nearest_preset(tmp_path: Path) -> None:
+    make_run(tmp_path / "fast", preset="cnn-fast-cpu")
+    make_run(tmp_path / "fast-e30", preset="cnn-fast-cpu", batch_size=1024, val_size=0)
+    make_run(tmp_path / "mixer", preset="mixer-best", model_args={"depth2": 4})
+    make_run(tmp_path / "report", preset="report-row3", seed=3)
+    make_run(tmp_path / "flat", model="mixer", lr=0.01)  # another model than the nearest preset's
+    results = collect([tmp_path])
+    assert len(results.varying) > 4 and results.columns == ["model"]
+    assert [group.label for group in results.groups] == [
+        "report-final, model=mixer lr=0.01",  # the mixer's own arguments at their defaults: not listed
+        "report-row3", "cnn-fast-cpu", "cnn-fast-cpu, val_size=0 batch_size=1024", "mixer-best, model_args.depth2=4"]
+    table = markdown(results)
+    header = table.splitlines()[0]
+    assert header.startswith("| configuration | model | batch size | learning rate | epochs | seeds |"), header
+    assert "| cnn-fast-cpu, val_size=0 batch_size=1024 | resnet-small | 1024 | 0.2 | 20 | 1 |" in table
+    assert "model_args.width" not in header and "val_size" not in header
+
+
 def test_a_run_saved_before_a_field_existed_has_its_default(tmp_path: Path) -> None:
     make_run(tmp_path / "new", seed=0)
     make_run(tmp_path / "old", seed=1)

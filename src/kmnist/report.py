@@ -69,7 +69,7 @@ def format_stat(stat: tuple[float, float | None], digits: int = 2) -> str:
 
 
 def table_columns(results: Results) -> list[str]:
-    extra = [name for name in results.varying if name not in TABLE_FIELDS]
+    extra = [name for name in results.columns if name not in TABLE_FIELDS]
     columns = ["configuration", *extra, "batch size", "learning rate", "epochs", "seeds", "train acc (%)",
                "test acc at best val epoch (%)", "max test acc (%, test-selected)"]
     if any(is_balanced(group.settings.get("dataset", "kmnist")) for group in results.groups):
@@ -99,7 +99,7 @@ def table_rows(results: Results) -> list[dict[str, str]]:
                FINAL_COLUMN: format_stat(group.stats["final_test_acc"]),
                FINAL_BALANCED_COLUMN: format_stat(group.stats["final_test_bal_acc"]),
                "seconds": format_stat(group.stats["train_seconds"], digits=0)}
-        for name in results.varying:
+        for name in results.columns:
             if name not in TABLE_FIELDS:
                 row[name] = format_setting(group.settings.get(name))
         if "report: max test acc (%)" in columns:

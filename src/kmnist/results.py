@@ -43,6 +43,8 @@ class Group:
     runs: list[Run]
     label: str = ""
     preset: str | None = None  # the preset whose configuration this is, if any
+    base: str | None = None  # the preset nearest to it: the fewest settings differ
+    changes: dict[str, Any] = field(default_factory=dict)  # the settings that differ from the base preset's
     stats: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # metric -> (mean, std)
 
     @property
@@ -66,6 +68,7 @@ class Results:
     incomplete: list[Run]  # run directories without summary.json (cut off, still running, or failed)
     progress: dict[str, list[dict[str, Any]]]  # unfinished run name -> its epochs so far, for those with any
     varying: list[str]  # settings that differ between groups
+    columns: list[str]  # of those, the ones shown as columns of the table (the rest are in the labels)
     hardware: list[str]
     unreadable: list[Path] = field(default_factory=list)  # folders with run files but no config.json
 
@@ -166,6 +169,36 @@ def format_setting(value: Any) -> str:
     return str(value)
 
 
+# Up to this many settings varying between configurations, each is a column and the labels name them all (a sweep:
+# "batch_size=64 lr=0.01"); past it, a folder of unrelated runs, each is labelled by its nearest preset and what
+# differs from it ("cnn-fast-cpu, epochs=30 val_size=0"), and only the model gets a column.
+MAX_SETTING_COLUMNS = 4
+
+
+def changes_from(settings: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The settings that differ from a preset's, in config order. Under another model, its own arguments count
+    against that model's defaults (not the preset model's, which it does not have)."""
+    own_defaults = settings_of({"model": settings["model"]}) if settings["model"] != base.get("model") else base
+    changed = {}
+    for name, value in settings.items():
+        reference = own_defaults.get(name) if name.startswith("model_args.") else base.get(name)
+        if repr(value) != repr(reference):
+            changed[name] = value
+    return changed
+
+
+def nearest_preset(settings: dict[str, Any], presets: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
+    """(the preset from which the fewest settings differ, those settings); ties go to the first preset."""
+    candidates = [(name, changes_from(settings, preset)) for name, preset in presets.items()]
+    return min(candidates, key=lambda candidate: len(candidate[1]))
+
+
+def changes_label(group: Group) -> str:
+    """`cnn-fast-cpu` or `cnn-fast-cpu, epochs=30 val_size=0`."""
+    changed = " ".join(f"{name}={format_setting(value)}" for name, value in group.changes.items())
+    return f"{group.base}, {changed}" if changed else str(group.base)
+
+
 def group_runs(all_runs: list[Run]) -> tuple[list[Group], list[str]]:
     """Complete runs grouped by configuration; also the settings that vary between groups."""
     groups: dict[str, Group] = {}
@@ -182,18 +215,26 @@ def group_runs(all_runs: list[Run]) -> tuple[list[Group], list[str]]:
     for group in ordered:
         group.runs.sort(key=lambda run: (run.config.get("seed", 0), run.name))
         group.preset = next((name for name, settings in presets.items() if settings == group.settings), None)
+        group.base, group.changes = nearest_preset(group.settings, presets)
         group.stats = {metric: mean_std([run.summary.get(metric) for run in group.runs]) for metric in METRICS}
     by_preset = all(group.preset for group in ordered) and len(ordered) > 1
+    by_changes = not by_preset and len(varying) > MAX_SETTING_COLUMNS
     for group in ordered:
         if by_preset:
             group.label = group.preset
+        elif by_changes:
+            group.label = changes_label(group)
         elif varying:
             group.label = " ".join(f"{name}={format_setting(group.settings.get(name))}" for name in varying)
         else:
             group.label = group.preset or (group.runs[0].name if len(group.runs) == 1 else group.settings["model"])
     preset_rank = {name: rank for rank, name in enumerate(REPORTED_MAX_TEST_ACC)}
-    ordered.sort(key=lambda group: (preset_rank.get(group.preset, len(preset_rank)) if by_preset else 0,
-                                    [_sortable(group.settings.get(name)) for name in varying]))
+    all_ranks = {name: rank for rank, name in enumerate(PRESETS)}
+    if by_changes:  # each preset with its variations, in the presets' order
+        ordered.sort(key=lambda group: (all_ranks[group.base], len(group.changes), group.label))
+    else:
+        ordered.sort(key=lambda group: (preset_rank.get(group.preset, len(preset_rank)) if by_preset else 0,
+                                        [_sortable(group.settings.get(name)) for name in varying]))
     return ordered, varying
 
 
@@ -204,10 +245,12 @@ def collect(paths: Iterable[str | Path]) -> Results:
     paths = list(paths)  # read twice: the runs, then the folders left out
     all_runs = read_runs(paths)
     groups, varying = group_runs(all_runs)
+    columns = varying if len(varying) <= MAX_SETTING_COLUMNS else [name for name in varying if name == "model"]
     hardware = sorted({hardware_summary(env) for run in all_runs if run.complete and run.environment
                        for env in sessions(run.environment)})
     incomplete = [run for run in all_runs if not run.complete]
-    return Results(groups, incomplete, progress=unfinished_histories(incomplete), varying=varying, hardware=hardware,
+    return Results(groups, incomplete, progress=unfinished_histories(incomplete), varying=varying, columns=columns,
+                   hardware=hardware,
                    unreadable=folders_without_config(paths))
 
 
