@@ -207,6 +207,32 @@ def test_unfinished_runs_are_left_out_of_the_table_and_drawn_as_far_as_they_got(
     assert sorted(path.name for path in (tmp_path / "out" / "curves").iterdir()) == ["done.png", "going.png"]
 
 
+def test_a_bar_counts_the_runs_drawn_on_a_terminal_only(tmp_path: Path, monkeypatch) -> None:
+    import tqdm
+
+    bars = []
+
+    class Bar:  # records what the report asks of its bar
+        def __init__(self, total: int, disable: bool | None, **kwargs) -> None:
+            self.total, self.disable, self.n, self.closed = total, disable, 0, False
+            bars.append(self)
+
+        def update(self) -> None:
+            self.n += 1
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    make_run(tmp_path / "runs" / "going", lr=0.01, epochs=3, complete=False)
+    make_run(tmp_path / "runs" / "done", lr=0.01, seed=1)
+    make_run(tmp_path / "runs" / "other", lr=0.1, seed=1)
+    write_report([tmp_path / "runs"], tmp_path / "out", progress=True)
+    write_report([tmp_path / "runs"], tmp_path / "out2")
+    assert [(bar.total, bar.n, bar.closed) for bar in bars] == [(3, 3, True), (3, 3, True)]
+    assert [bar.disable for bar in bars] == [None, True]  # None: tqdm shows it where stderr is a terminal
+
+
 def test_a_run_of_one_epoch_is_drawn_on_whole_epochs(tmp_path: Path) -> None:
     from matplotlib.figure import Figure
 

@@ -772,7 +772,7 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise KmnistError("with several directories, say where the report goes: --out DIR")
     check_output_folder(args.out, "--out")
     out = Path(args.out) if args.out else Path(args.dirs[0]) / "report"
-    result = write_report(args.dirs, out, vs=args.vs)
+    result = write_report(args.dirs, out, vs=args.vs, progress=show_progress(args))
     print(result["markdown"])
     print(f"{result['runs']} finished run(s) in {result['groups']} configuration(s)"
           + (f", {result['incomplete']} unfinished" if result["incomplete"] else "")
@@ -1003,6 +1003,7 @@ def build_parser() -> Parser:
     report.add_argument("--vs", metavar="SETTING",
                         help="setting for the accuracy-versus figure, e.g. model_args.patch "
                              "(default: the only numeric setting that varies)")
+    report.add_argument("--no-progress", action="store_true", help="no progress bar while the figures are drawn")
     report.set_defaults(handler=cmd_report)
 
     models = commands.add_parser("models", help="list registered models and presets",

@@ -179,13 +179,19 @@ def file_stem(name: str) -> str:
     return stem if stem == name else f"{stem}~{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def write_figures(results: Results, out: Path, vs: str | None) -> dict[str, Any]:
+def write_figures(results: Results, out: Path, vs: str | None, progress: bool = False) -> dict[str, Any]:
     """Per-run learning curves (of unfinished runs too, as far as they got), the overlay, and accuracy against
-    the one varying numeric setting."""
+    the one varying numeric setting. `progress`: a bar over the runs (on a terminal), for folders of many."""
+    from tqdm import tqdm
+
     figures: dict[str, Any] = {"curves": [], "unfinished": []}
+    total = len(results.progress) + sum(len(group.runs) for group in results.groups)
+    bar = tqdm(total=total, desc="drawing learning curves", unit="run", leave=False,
+               disable=None if progress else True, dynamic_ncols=True)
     for run in results.incomplete:
         history = results.progress.get(run.name)
         if history:
+            bar.update()
             path = plots.learning_curves(
                 history, out / CURVES / f"{file_stem(run.name)}.png",
                 title=f"{run.name} ({run.config['model']} on {run.config['dataset']}; unfinished: "
@@ -194,10 +200,12 @@ def write_figures(results: Results, out: Path, vs: str | None) -> dict[str, Any]
             figures["unfinished"].append((run.name, epochs_text(run, history), path))
     for group in results.groups:
         for run in group.runs:
+            bar.update()
             path = plots.learning_curves(runs.read_metrics(run.run_dir), out / CURVES / f"{file_stem(run.name)}.png",
                                          title=f"{run.name} ({run.config['model']} on {run.config['dataset']})",
                                          balanced=is_balanced(run.config["dataset"]))
             figures["curves"].append((group.label, run.name, path))
+    bar.close()
     if results.groups:
         figures["overlay"] = plots.overlay_curves([group_curves(group) for group in results.groups], out / OVERLAY)
     setting = versus_field(results, vs)
@@ -305,7 +313,8 @@ def curve_grid(heading: str, figures: list[tuple[str, str, Path]]) -> list[str]:
             "</div>"]
 
 
-def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None) -> dict[str, Any]:
+def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None,
+                 progress: bool = False) -> dict[str, Any]:
     """Build every report file in `out` from the run directories below `paths`; returns what was written."""
     results = collect(paths)
     if not results.groups and not results.incomplete and results.unreadable:
@@ -324,7 +333,7 @@ def write_report(paths: list[str | Path], out: str | Path, vs: str | None = None
     table = markdown(results)
     runs.atomic_write_text(out / MARKDOWN, table)
     runs.atomic_write_text(out / CSV, csv_text(results))
-    figures = write_figures(results, out, vs)
+    figures = write_figures(results, out, vs, progress)
     runs.atomic_write_text(out / HTML, html_page(results, figures, [str(p) for p in paths]))
     written = [out / MARKDOWN, out / CSV, out / HTML]
     written += [figures[name] for name in ("overlay", "versus") if name in figures]
