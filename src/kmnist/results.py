@@ -250,8 +250,7 @@ def collect(paths: Iterable[str | Path]) -> Results:
                        for env in sessions(run.environment)})
     incomplete = [run for run in all_runs if not run.complete]
     return Results(groups, incomplete, progress=unfinished_histories(incomplete), varying=varying, columns=columns,
-                   hardware=hardware,
-                   unreadable=folders_without_config(paths))
+                   hardware=hardware, unreadable=folders_without_config(paths))
 
 
 def unfinished_histories(incomplete: list[Run]) -> dict[str, list[dict[str, Any]]]:
