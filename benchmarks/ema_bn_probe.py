@@ -74,7 +74,7 @@ def main() -> None:
     print("epoch     lr | validation: copied averaged recomputed    raw | test: copied averaged recomputed    raw")
     for epoch in range(1, args.epochs + 1):
         started = time.perf_counter()
-        trainer.train_epoch(epoch, progress=False)
+        trainer.train_epoch(epoch)
         models = [copied.eval(), trainer.average.model, recomputed(trainer.average.model), trainer.model.eval()]
         val = [accuracy(model, trainer.val) for model in models]
         test = [accuracy(model, trainer.test) for model in models]

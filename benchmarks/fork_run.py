@@ -54,7 +54,7 @@ def main() -> None:
         atomic_torch_save({**payload, "config": config}, args.out / runs.LAST)  # what fit(resume=True) reads
         columns = BALANCED_EPOCH_COLUMNS if is_balanced(forked.dataset) else EPOCH_COLUMNS
         print(format_header(columns), flush=True)
-        fit(forked, dataset, args.out, resume=True, progress=False,
+        fit(forked, dataset, args.out, resume=True,
             on_epoch=lambda row: print(format_row(row, columns), flush=True))  # each epoch as it ends
     except KmnistError as error:
         sys.exit(f"fork_run: error: {error}")

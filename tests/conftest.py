@@ -132,7 +132,7 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("tiny-run")
     config = TrainConfig(epochs=1, val_size=100, batch_size=32, threads=1,
                          model_args={"token_hidden": 64, "channel_hidden": 64})
-    fit(config, dataset, run_dir, progress=False)
+    fit(config, dataset, run_dir)
     return run_dir / "best.pt"
 
 

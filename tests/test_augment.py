@@ -71,7 +71,7 @@ def test_training_with_every_option_learns_and_resumes_exactly(tiny_dataset, tmp
     options = dict(translate=2.0, rotate=8.0, scale=0.08, shear=5.0, elastic=1.0, erase=0.3, mixup=0.2, cutmix=0.5,
                    ema=0.9, label_smoothing=0.1, balanced_sampling=True, scheduler="cosine", warmup_epochs=0.5)
     config = TrainConfig(**{**TINY.to_dict(), **options})
-    whole = fit(config, tiny_dataset, tmp_path / "whole", progress=False)
+    whole = fit(config, tiny_dataset, tmp_path / "whole")
     assert max(row["val_acc"] for row in whole) > 30  # chance is 10%
 
     def stop(row: dict) -> None:
@@ -79,27 +79,26 @@ def test_training_with_every_option_learns_and_resumes_exactly(tiny_dataset, tmp
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(config, tiny_dataset, tmp_path / "cut", progress=False, on_epoch=stop)
+        fit(config, tiny_dataset, tmp_path / "cut", on_epoch=stop)
     assert len(runs.read_metrics(tmp_path / "cut")) < len(whole)  # cut off: the resume has epochs to train
-    resumed = fit(config, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
+    resumed = fit(config, tiny_dataset, tmp_path / "cut", resume=True)
     assert _drop_times(resumed) == _drop_times(whole)
 
 
 def test_clean_epochs_train_the_last_epochs_on_the_images_as_they_are(tiny_dataset) -> None:
     augmented = TrainConfig(**{**TINY.to_dict(), "translate": 2.0, "rotate": 8.0, "erase": 0.5, "mixup": 0.2})
-    plain = _drop_times(fit(TrainConfig(**{**TINY.to_dict(), "epochs": 3}), tiny_dataset, progress=False))
-    everywhere = _drop_times(fit(augmented, tiny_dataset, progress=False))
-    all_clean = fit(TrainConfig(**{**augmented.to_dict(), "clean_epochs": 3}), tiny_dataset, progress=False)
+    plain = _drop_times(fit(TrainConfig(**{**TINY.to_dict(), "epochs": 3}), tiny_dataset))
+    everywhere = _drop_times(fit(augmented, tiny_dataset))
+    all_clean = fit(TrainConfig(**{**augmented.to_dict(), "clean_epochs": 3}), tiny_dataset)
     assert _drop_times(all_clean) == plain  # nothing augmented or mixed: plain training, step for step
-    last_clean = _drop_times(fit(TrainConfig(**{**augmented.to_dict(), "clean_epochs": 1}), tiny_dataset,
-                                 progress=False))
+    last_clean = _drop_times(fit(TrainConfig(**{**augmented.to_dict(), "clean_epochs": 1}), tiny_dataset))
     assert last_clean[:2] == everywhere[:2] and last_clean[2] != everywhere[2]
     assert last_clean[2]["train_loss"] != plain[2]["train_loss"]  # it continues the augmented run
 
 
 def test_ema_changes_what_is_evaluated(tiny_dataset) -> None:
-    plain = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, progress=False)
-    averaged = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1, "ema": 0.99}), tiny_dataset, progress=False)
+    plain = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset)
+    averaged = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1, "ema": 0.99}), tiny_dataset)
     assert plain[0]["train_loss"] == averaged[0]["train_loss"]  # same training
     assert plain[0]["val_loss"] != averaged[0]["val_loss"]  # different weights evaluated
 
@@ -173,7 +172,7 @@ def test_train_accuracy_of_mixed_batches_counts_each_label_by_its_weight(monkeyp
     trainer.model = trainer.forward = _DominantClass()
     trainer.optimizer = torch.optim.SGD(trainer.model.parameters(), lr=0.0)
     trainer.scheduler = None
-    _, accuracy = trainer.train_epoch(1, progress=False)
+    _, accuracy = trainer.train_epoch(1)
     right = 0.0
     for mixed, first, partners, lam in batches:
         predicted = trainer.model(mixed).argmax(dim=1)

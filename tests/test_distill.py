@@ -22,7 +22,7 @@ from test_train import GRAPHED_TOLERANCE, TINY
 
 @pytest.fixture
 def teacher_path(tmp_path: Path, tiny_dataset) -> Path:
-    fit(TINY, tiny_dataset, tmp_path / "teacher", progress=False)
+    fit(TINY, tiny_dataset, tmp_path / "teacher")
     return tmp_path / "teacher" / runs.BEST
 
 
@@ -74,7 +74,7 @@ def test_a_student_learns_what_the_teacher_answers_not_the_labels(teacher_path: 
                                                                   tmp_path: Path) -> None:
     permuted, permutation = _permuted_teacher(teacher_path, tmp_path)
     config = _with(TINY, teacher=str(permuted), distill_weight=1.0, seed=1, epochs=4)
-    fit(config, tiny_dataset, tmp_path / "student", progress=False)
+    fit(config, tiny_dataset, tmp_path / "student")
     student = model_from_checkpoint(load_checkpoint(tmp_path / "student" / runs.LAST))
     payload = load_checkpoint(tmp_path / "student" / runs.LAST)
     images = (tiny_dataset.test.images.unsqueeze(1).float() / 255 - payload["normalization"]["mean"]) / \
@@ -120,14 +120,14 @@ def test_the_graphed_step_distils_as_the_eager_loop_does(teacher_path: Path, tin
     from kmnist.graphed import GraphedStep
 
     config = _with(TINY, teacher=str(teacher_path), distill_temperature=2.0, epochs=2, seed=3)
-    eager = fit(config, tiny_dataset, progress=False)
+    eager = fit(config, tiny_dataset)
 
     def warm_up(trainer: Trainer) -> float:
         trainer.graphed = GraphedStep(trainer, trainer.config.batch_size, capture=False)
         return 0.0
 
     monkeypatch.setattr(Trainer, "warm_up", warm_up)
-    graphed = fit(config, tiny_dataset, progress=False)
+    graphed = fit(config, tiny_dataset)
     for got, expected in zip(graphed, eager):
         for key in ("train_loss", "val_acc", "test_loss"):
             assert got[key] == pytest.approx(expected[key], rel=GRAPHED_TOLERANCE, abs=1e-6), key

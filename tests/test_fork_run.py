@@ -27,15 +27,14 @@ def _fork_run():
 def test_a_forked_state_continues_as_a_run_with_those_settings_would(tiny_dataset, tmp_path, monkeypatch,
                                                                     capsys) -> None:
     augmented = {**TINY.to_dict(), "translate": 2.0, "rotate": 8.0, "erase": 0.5}
-    plain = fit(TrainConfig(**augmented), tiny_dataset, progress=False)
+    plain = fit(TrainConfig(**augmented), tiny_dataset)
     state = tmp_path / "after-epoch-2.pt"
 
     def keep_epoch_2(row: dict) -> None:
         if row["epoch"] == 2:
             shutil.copy(tmp_path / "clean" / runs.LAST, state)
 
-    clean = fit(TrainConfig(**{**augmented, "clean_epochs": 1}), tiny_dataset, tmp_path / "clean",
-                progress=False, on_epoch=keep_epoch_2)
+    clean = fit(TrainConfig(**{**augmented, "clean_epochs": 1}), tiny_dataset, tmp_path / "clean", on_epoch=keep_epoch_2)
     assert abs(clean[2]["train_loss"] - plain[2]["train_loss"]) > 1e-3  # the two runs part in epoch 3
 
     fork_run = _fork_run()

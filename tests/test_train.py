@@ -32,7 +32,7 @@ def _drop_times(history: list[dict]) -> list[dict]:
 
 
 def test_tiny_fit_learns(tiny_dataset, tmp_path: Path) -> None:
-    history = fit(TINY, tiny_dataset, tmp_path, progress=False)
+    history = fit(TINY, tiny_dataset, tmp_path)
     assert [row["epoch"] for row in history] == [1, 2, 3]
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert max(row["val_acc"] for row in history) > 50  # chance is 10%
@@ -41,15 +41,27 @@ def test_tiny_fit_learns(tiny_dataset, tmp_path: Path) -> None:
         assert (tmp_path / name).is_file()
 
 
+def test_each_step_is_told_with_the_running_loss_now_and_then(tiny_dataset, monkeypatch) -> None:
+    monkeypatch.setattr("kmnist.train.LOSS_EVERY", 3)
+    events = []
+    history = fit(TrainConfig(**{**TINY.to_dict(), "epochs": 2}), tiny_dataset, on_step=events.append)
+    steps = events[0].steps
+    assert steps > 3 and all(event.steps == steps for event in events)
+    assert [(event.epoch, event.step) for event in events] == [(e, s) for e in (1, 2) for s in range(1, steps + 1)]
+    assert [event.step for event in events if event.loss is not None] == [s for s in range(3, steps + 1, 3)] * 2
+    assert all(0 < event.loss < 5 for event in events if event.loss is not None)
+    assert history[0]["train_loss"] < 5
+
+
 def test_same_seed_same_result(tiny_dataset) -> None:
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 1})
-    first = fit(config, tiny_dataset, progress=False)
-    second = fit(config, tiny_dataset, progress=False)
+    first = fit(config, tiny_dataset)
+    second = fit(config, tiny_dataset)
     assert _drop_times(first) == _drop_times(second)
 
 
 def test_checkpoint_round_trip_gives_identical_logits(tiny_dataset, tmp_path: Path) -> None:
-    history = fit(TINY, tiny_dataset, tmp_path, progress=False)
+    history = fit(TINY, tiny_dataset, tmp_path)
     payload = load_checkpoint(tmp_path / runs.LAST)
     assert payload["model"] == "report-mixer" and payload["class_names"][0] == "お"
     assert payload["model_args"]["token_hidden"] == 64 and payload["epoch"] == 3
@@ -88,7 +100,7 @@ class _Shell:  # what an attacker's pickle would build: refused by the weights-o
 def test_checkpoint_damaged_or_edited_inside_is_refused(tiny_dataset, tmp_path: Path) -> None:
     import zipfile
 
-    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path, progress=False)
+    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path)
     good = tmp_path / runs.BEST
     damaged = tmp_path / "damaged.pt"  # a whole zip whose pickle is broken
     with zipfile.ZipFile(good) as source, zipfile.ZipFile(damaged, "w") as target:
@@ -108,7 +120,7 @@ def test_checkpoint_damaged_or_edited_inside_is_refused(tiny_dataset, tmp_path: 
 
 
 def test_checkpoint_of_another_model_is_refused(tiny_dataset, tmp_path: Path) -> None:
-    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path, progress=False)
+    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path)
     payload = load_checkpoint(tmp_path / runs.BEST)
     with pytest.raises(KmnistError, match="holds model"):
         model_from_checkpoint(payload, expected_model="some-other-model")
@@ -154,19 +166,19 @@ def test_best_pt_holds_the_epoch_best_on_validation_never_test(tiny_dataset, tmp
         return 1.0, score, score
 
     monkeypatch.setattr(kmnist.train.Trainer, "evaluate", scripted)
-    history = fit(TINY, tiny_dataset, tmp_path, progress=False)
+    history = fit(TINY, tiny_dataset, tmp_path)
     assert [row["val_acc"] for row in history] == [50.0, 70.0, 60.0]
     assert load_checkpoint(tmp_path / runs.BEST)["epoch"] == 2
 
 
 @pytest.mark.parametrize("config", RESUMED.values(), ids=RESUMED.keys())
 def test_resume_after_interruption_matches_uninterrupted(config: TrainConfig, tiny_dataset, tmp_path: Path) -> None:
-    whole = fit(config, tiny_dataset, tmp_path / "whole", progress=False)
+    whole = fit(config, tiny_dataset, tmp_path / "whole")
 
     with pytest.raises(KeyboardInterrupt):
-        fit(config, tiny_dataset, tmp_path / "cut", progress=False, on_epoch=_stop_after_first)
+        fit(config, tiny_dataset, tmp_path / "cut", on_epoch=_stop_after_first)
     assert runs.read_metrics(tmp_path / "cut")[-1]["epoch"] == 1
-    resumed = fit(config, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
+    resumed = fit(config, tiny_dataset, tmp_path / "cut", resume=True)
     assert _drop_times(resumed) == _drop_times(whole)
     final_whole = load_checkpoint(tmp_path / "whole" / runs.LAST)["state_dict"]
     final_cut = load_checkpoint(tmp_path / "cut" / runs.LAST)["state_dict"]
@@ -193,7 +205,7 @@ def test_ctrl_c_while_an_epoch_is_saved_waits_until_its_checkpoint_and_metrics_a
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(KeyboardInterrupt):
-        fit(TINY, tiny_dataset, tmp_path, progress=False)
+        fit(TINY, tiny_dataset, tmp_path)
     assert load_checkpoint(tmp_path / runs.LAST)["epoch"] == 1
     assert [row["epoch"] for row in runs.read_metrics(tmp_path)] == [1]
     assert signal.getsignal(signal.SIGINT) is handler
@@ -204,10 +216,10 @@ def test_a_run_stopped_between_its_last_checkpoint_and_metrics_gets_every_row_on
                                                                                        tmp_path: Path) -> None:
     # A kill after the final epoch's last.pt was written and before metrics.csv was: no epoch is left to
     # train on resume, and the file must still end with that epoch (the checkpoint's history holds it).
-    fit(TINY, tiny_dataset, tmp_path, progress=False)
+    fit(TINY, tiny_dataset, tmp_path)
     whole = runs.read_metrics(tmp_path)
     runs.write_metrics(tmp_path, whole[:-1])
-    resumed = fit(TINY, tiny_dataset, tmp_path, resume=True, progress=False)
+    resumed = fit(TINY, tiny_dataset, tmp_path, resume=True)
     assert [row["epoch"] for row in resumed] == [1, 2, 3]
     assert [row["epoch"] for row in runs.read_metrics(tmp_path)] == [1, 2, 3]
     assert runs.read_metrics(tmp_path)[-1]["val_acc"] == whole[-1]["val_acc"]
@@ -222,7 +234,7 @@ def test_a_kill_between_an_epochs_files_never_leaves_a_best_pt_of_an_epoch_train
         killed_before: str, tiny_dataset, tmp_path: Path, monkeypatch) -> None:
     import kmnist.train
 
-    whole = fit(TINY, tiny_dataset, tmp_path / "whole", progress=False)
+    whole = fit(TINY, tiny_dataset, tmp_path / "whole")
     save, write_metrics = kmnist.train.atomic_torch_save, runs.write_metrics
 
     def kill_in_epoch_2(name, epoch, action):
@@ -235,7 +247,7 @@ def test_a_kill_between_an_epochs_files_never_leaves_a_best_pt_of_an_epoch_train
     monkeypatch.setattr(runs, "write_metrics", lambda run_dir, rows: kill_in_epoch_2(
         runs.METRICS, len(rows), lambda: write_metrics(run_dir, rows)))
     with pytest.raises(_Killed):
-        fit(TINY, tiny_dataset, tmp_path / "cut", progress=False)
+        fit(TINY, tiny_dataset, tmp_path / "cut")
     monkeypatch.undo()
     # Epoch 2's best waits beside best.pt, which still holds epoch 1 (epoch 2 improved on validation).
     assert whole[1]["val_acc"] > whole[0]["val_acc"]
@@ -243,7 +255,7 @@ def test_a_kill_between_an_epochs_files_never_leaves_a_best_pt_of_an_epoch_train
     assert (tmp_path / "cut" / runs.BEST_PENDING).is_file()
     finished = load_checkpoint(tmp_path / "cut" / runs.LAST)["epoch"]
     assert finished == (1 if killed_before == runs.LAST else 2)
-    resumed = fit(TINY, tiny_dataset, tmp_path / "cut", resume=True, progress=False)
+    resumed = fit(TINY, tiny_dataset, tmp_path / "cut", resume=True)
     assert _drop_times(resumed) == _drop_times(whole) and not (tmp_path / "cut" / runs.BEST_PENDING).exists()
     assert load_checkpoint(tmp_path / "cut" / runs.BEST)["epoch"] == load_checkpoint(tmp_path / "whole" / runs.BEST)["epoch"]
 
@@ -252,28 +264,27 @@ def test_a_run_saved_before_a_config_field_existed_resumes(tiny_dataset, tmp_pat
     # A field added later (here the distillation ones) is missing from older checkpoints; its default is
     # what such a run computed, so the run continues.
     with pytest.raises(KeyboardInterrupt):
-        fit(TINY, tiny_dataset, tmp_path, progress=False, on_epoch=_stop_after_first)
+        fit(TINY, tiny_dataset, tmp_path, on_epoch=_stop_after_first)
     payload = load_checkpoint(tmp_path / runs.LAST)
     for name in ("teacher", "distill_weight", "distill_temperature"):
         del payload["config"][name]
     torch.save(payload, tmp_path / runs.LAST)
-    assert [row["epoch"] for row in fit(TINY, tiny_dataset, tmp_path, resume=True, progress=False)] == [1, 2, 3]
+    assert [row["epoch"] for row in fit(TINY, tiny_dataset, tmp_path, resume=True)] == [1, 2, 3]
 
 
 def test_resume_refuses_a_different_configuration(tiny_dataset, tmp_path: Path) -> None:
-    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path, progress=False)
+    fit(TrainConfig(**{**TINY.to_dict(), "epochs": 1}), tiny_dataset, tmp_path)
     with pytest.raises(KmnistError, match="different configuration"):
-        fit(TrainConfig(**{**TINY.to_dict(), "epochs": 2, "lr": 0.1}), tiny_dataset, tmp_path, resume=True,
-            progress=False)
+        fit(TrainConfig(**{**TINY.to_dict(), "epochs": 2, "lr": 0.1}), tiny_dataset, tmp_path, resume=True)
 
 
 def test_divergence_stops_with_advice_and_keeps_last_good_checkpoint(tiny_dataset, tmp_path: Path) -> None:
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 1})
-    fit(config, tiny_dataset, tmp_path, progress=False)
+    fit(config, tiny_dataset, tmp_path)
     good = load_checkpoint(tmp_path / runs.LAST)["state_dict"]
     diverging = TrainConfig(**{**TINY.to_dict(), "epochs": 3, "lr": 1e25})
     with pytest.raises(TrainingDiverged, match="lower learning rate"):
-        fit(diverging, tiny_dataset, tmp_path / "bad", progress=False)
+        fit(diverging, tiny_dataset, tmp_path / "bad")
     assert not (tmp_path / "bad" / runs.LAST).exists()
     kept = load_checkpoint(tmp_path / runs.LAST)["state_dict"]
     assert all(torch.equal(good[k], kept[k]) for k in good)
@@ -284,7 +295,7 @@ def test_divergence_stops_with_advice_and_keeps_last_good_checkpoint(tiny_datase
 def test_schedules_and_optimizers_train(tiny_dataset, scheduler: str, optimizer: str) -> None:
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, "scheduler": scheduler, "optimizer": optimizer,
                             "lr": 0.05 if optimizer == "sgd" else 3e-3, "warmup_epochs": 0.5})
-    history = fit(config, tiny_dataset, progress=False)
+    history = fit(config, tiny_dataset)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     if scheduler in ("cosine", "onecycle"):
         assert history[-1]["lr"] < 0.1 * config.lr  # the last step's rate, annealed nearly to zero
@@ -303,7 +314,7 @@ def test_the_warm_up_rises_to_the_peak_and_never_past_it(scheduler: str, warmup_
 
 def test_no_validation_split(tiny_dataset, tmp_path: Path) -> None:
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 1, "val_size": 0})
-    history = fit(config, tiny_dataset, tmp_path, progress=False)
+    history = fit(config, tiny_dataset, tmp_path)
     summary = runs.summarize(history)
     assert summary["best_val_acc"] is None and (tmp_path / runs.BEST).is_file()
 
@@ -323,8 +334,8 @@ def test_compiled_training_computes_what_eager_training_does(tiny_dataset, tmp_p
     # NaN gradients from the first step: the small ResNet pools in fp32.)
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 1, "val_size": 120, "model": "resnet-small",
                             "model_args": {"width": 4, "depth": 0}, "translate": 1.0, "precision": precision})
-    eager = fit(config, tiny_dataset, progress=False)
-    compiled = fit(TrainConfig(**{**config.to_dict(), "compile": "default"}), tiny_dataset, tmp_path, progress=False)
+    eager = fit(config, tiny_dataset)
+    compiled = fit(TrainConfig(**{**config.to_dict(), "compile": "default"}), tiny_dataset, tmp_path)
     assert eager[0]["compile_seconds"] == 0 and compiled[0]["compile_seconds"] > 0
     tolerance = 1e-3 if precision == "fp32" else 3e-2
     assert compiled[0]["train_loss"] == pytest.approx(eager[0]["train_loss"], rel=tolerance)
@@ -374,9 +385,9 @@ def test_the_graphed_step_trains_what_the_eager_loop_does(tiny_dataset, monkeypa
     # give the eager loop's numbers: its warm-up steps undone (weights, BatchNorm statistics, optimiser
     # moments and step counts), learning rates followed as tensors, the last, shorter batch eager.
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, **GRAPHED_CONFIGS[name]})  # 500 images: 15 x 32 + 20
-    eager = fit(config, tiny_dataset, progress=False)
+    eager = fit(config, tiny_dataset)
     _graph_without_capture(monkeypatch)
-    _assert_same_epochs(fit(config, tiny_dataset, progress=False), eager)
+    _assert_same_epochs(fit(config, tiny_dataset), eager)
 
 
 @pytest.mark.parametrize("name", list(GRAPHED_CONFIGS))
@@ -384,18 +395,18 @@ def test_a_graphed_run_resumed_from_an_eager_checkpoint_continues_it(tiny_datase
                                                                      name: str) -> None:
     # The warm-up puts back the optimiser state a resumed run already has (momentum, Adam's moments, step count).
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 2, **GRAPHED_CONFIGS[name]})
-    whole = fit(config, tiny_dataset, progress=False)
+    whole = fit(config, tiny_dataset)
 
     with pytest.raises(KeyboardInterrupt):
-        fit(config, tiny_dataset, tmp_path, progress=False, on_epoch=_stop_after_first)
+        fit(config, tiny_dataset, tmp_path, on_epoch=_stop_after_first)
     _graph_without_capture(monkeypatch)
-    _assert_same_epochs(fit(config, tiny_dataset, tmp_path, resume=True, progress=False), whole)
+    _assert_same_epochs(fit(config, tiny_dataset, tmp_path, resume=True), whole)
 
 
 @pytest.mark.parametrize("mode", ["cuda-graph", "cuda-graph-compiled"])
 def test_cuda_graph_modes_refuse_a_cpu_and_mixed_batches(tiny_dataset, mode: str) -> None:
     with pytest.raises(KmnistError, match=f"--compile {mode} needs a CUDA device"):
-        fit(TrainConfig(**{**TINY.to_dict(), "compile": mode, "device": "cpu"}), tiny_dataset, progress=False)
+        fit(TrainConfig(**{**TINY.to_dict(), "compile": mode, "device": "cpu"}), tiny_dataset)
     with pytest.raises(KmnistError, match="mixup/cutmix"):
         TrainConfig(compile=mode, mixup=0.2)
 
@@ -408,14 +419,14 @@ def test_the_graph_around_a_compiled_model_trains_what_the_eager_loop_does(tiny_
     from kmnist import graphed, train
 
     config = TrainConfig(**{**TINY.to_dict(), "epochs": 1})
-    eager = fit(config, tiny_dataset, progress=False)
+    eager = fit(config, tiny_dataset)
     monkeypatch.setattr(train, "training_device", lambda config: torch.device("cpu"))
     monkeypatch.setattr(train, "GraphedStep", functools.partial(graphed.GraphedStep, capture=False))
     compiled = []  # the modes torch.compile was asked for
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda model, **options: compiled.append(options) or real_compile(
         model, **options))
-    got = fit(TrainConfig(**{**config.to_dict(), "compile": "cuda-graph-compiled"}), tiny_dataset, progress=False)
+    got = fit(TrainConfig(**{**config.to_dict(), "compile": "cuda-graph-compiled"}), tiny_dataset)
     assert compiled == [{"mode": None, "dynamic": False}]  # the default mode: fused kernels, no CUDA graphs of its own
     _assert_same_epochs(got, eager)
 
@@ -449,7 +460,7 @@ def test_the_lr_column_is_the_rate_of_each_epochs_last_step(tiny_dataset, schedu
     from kmnist.train import batches_per_epoch
 
     config = replace(TINY, scheduler=scheduler, warmup_epochs=1.0 if scheduler == "cosine" else 0.0)
-    history = fit(config, tiny_dataset, None, progress=False)
+    history = fit(config, tiny_dataset, None)
     steps = batches_per_epoch(600 - config.val_size, config.batch_size)
     for row in history:
         expected = config.lr
@@ -465,14 +476,14 @@ def test_a_run_resumed_on_other_data_is_refused(tiny_dataset, tmp_path: Path) ->
     from kmnist.data import Split
 
     with pytest.raises(KeyboardInterrupt):
-        fit(TINY, tiny_dataset, tmp_path, progress=False, on_epoch=_stop_after_first)
+        fit(TINY, tiny_dataset, tmp_path, on_epoch=_stop_after_first)
     brighter = replace(tiny_dataset, train=Split(tiny_dataset.train.images // 2 + 100, tiny_dataset.train.labels))
     with pytest.raises(KmnistError, match="trained on other data files .training pixels: mean"):
-        fit(TINY, brighter, tmp_path, resume=True, progress=False)
+        fit(TINY, brighter, tmp_path, resume=True)
     fewer = replace(tiny_dataset, test=Split(tiny_dataset.test.images[:150], tiny_dataset.test.labels[:150]))
     with pytest.raises(KmnistError, match="train/val/test images: 500/100/200; these: 500/100/150"):
-        fit(TINY, fewer, tmp_path, resume=True, progress=False)
-    assert [row["epoch"] for row in fit(TINY, tiny_dataset, tmp_path, resume=True, progress=False)] == [1, 2, 3]
+        fit(TINY, fewer, tmp_path, resume=True)
+    assert [row["epoch"] for row in fit(TINY, tiny_dataset, tmp_path, resume=True)] == [1, 2, 3]
 
 
 def test_a_resume_that_rounds_differently_is_warned_about_and_recorded(tmp_path: Path, monkeypatch) -> None:

@@ -79,7 +79,7 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
         bar.set_postfix(warm_up=name)
         trainer.steps_per_epoch = steps
         # warm-up: 20 steps let the allocator, oneDNN's kernel choices and cuDNN's autotuning settle
-        trainer.train_epoch(0, progress=False, batches=_take(trainer.batches(0), min(steps, 20)))
+        trainer.train_epoch(0, batches=_take(trainer.batches(0), min(steps, 20)))
         bar.update()
     for repeat in range(repeats):
         for name in pipelines:
@@ -89,7 +89,7 @@ def time_pipelines(config: TrainConfig, dataset: Dataset, repeats: int = 3, max_
                       else trainer.batches(repeat + 1))
             sync_device(trainer.device)
             started = time.perf_counter()
-            trainer.train_epoch(repeat + 1, progress=False, batches=_take(source, steps))
+            trainer.train_epoch(repeat + 1, batches=_take(source, steps))
             sync_device(trainer.device)
             times[name].append((time.perf_counter() - started) * full / steps)
             bar.update()

@@ -16,13 +16,16 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from kmnist import __version__
 from kmnist.config import (DATASETS, DEVICES, FIELDS, PLACEMENT_FIELDS, PRECISIONS, PRESETS, TrainConfig,
                            load_config_file, option_flag, parse_scalar, resolve_config, split_preset)
 from kmnist.errors import KmnistError, KmnistWarning, interrupted
 from kmnist.files import atomic_writer, machine_error
+
+if TYPE_CHECKING:  # torch loads only for the commands that need it
+    from kmnist.train import StepEvent
 
 EPOCH_COLUMNS = (("epoch", "{:>5}"), ("train_loss", "{:>10.4f}"), ("train_acc", "{:>9.2f}"), ("val_loss", "{:>8.4f}"),
                  ("val_acc", "{:>7.2f}"), ("test_acc", "{:>8.2f}"), ("lr", "{:>8.1e}"), ("epoch_seconds", "{:>7.1f}"))
@@ -243,6 +246,27 @@ def show_progress(args: argparse.Namespace) -> bool:
     return not getattr(args, "no_progress", False)
 
 
+class EpochBars:
+    """A progress bar per training epoch (on a terminal only), fed by `train.fit`'s steps."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.bar: Any = None
+
+    def __call__(self, event: StepEvent) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=event.steps, desc=f"epoch {event.epoch}/{self.epochs}", leave=False, unit="batch",
+                            disable=None, dynamic_ncols=True)
+        self.bar.update()
+        if event.loss is not None:
+            self.bar.set_postfix(loss=f"{event.loss:.4f}")
+        if event.step == event.steps:  # gone before the epoch's line is printed
+            self.bar.close()
+            self.bar = None
+
+
 # ---------------------------------------------------------------------------------------------
 # commands
 
@@ -423,6 +447,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGTERM, on_terminate)
     try:
         summary = train_run(config, run_dir, data_dir, resume=bool(args.resume), progress=progress,
+                            on_step=EpochBars(config.epochs) if progress else None,
                             on_epoch=on_epoch, check_md5=not args.skip_md5)
     except BaseException as error:
         if not (run_dir / runs.CONFIG).exists():  # stopped before the run began: no empty folder left behind
@@ -518,6 +543,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
         say(f"training the full recipe in {run_dir} ...")
         result["recipe"] = train_run(config, run_dir, data_dir_from_args(args), progress=show_progress(args),
+                                     on_step=EpochBars(config.epochs) if show_progress(args) else None,
                                      check_md5=not args.skip_md5)
     medians = result["median_epoch_seconds"]
     ours = f"in-memory tensors, {'bf16' if result['bf16'] else 'fp32'}"

@@ -19,7 +19,7 @@ from kmnist.files import atomic_writer
 from kmnist.metrics import confusion_matrix, predict_logits, resolved_precision
 from kmnist.models import create_model
 from kmnist.runinfo import environment
-from kmnist.train import check_teacher, fit, select_device, training_device
+from kmnist.train import StepCallback, check_teacher, fit, select_device, training_device
 
 def prepare_run(config: TrainConfig, run_dir: Path | None, resume: bool) -> TrainConfig:
     """Check the run directory (writing nothing; None: a new folder, not chosen yet); on resume, return the
@@ -56,9 +56,11 @@ def already_holds_a_run(run_dir: Path) -> KmnistError:
 
 
 def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, resume: bool = False,
-              progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None,
+              progress: bool = True, on_step: StepCallback | None = None,
+              on_epoch: Callable[[dict[str, Any]], None] | None = None,
               dataset: Dataset | None = None, check_md5: bool = True) -> dict[str, Any]:
-    """Train (or resume) one run and leave every output file in run_dir; returns the summary."""
+    """Train (or resume) one run and leave every output file in run_dir; returns the summary. `progress`: bars
+    while the data downloads; `on_step` and `on_epoch` as for `train.fit`."""
     run_dir = Path(run_dir)
     config = prepare_run(config, run_dir, resume)
     if dataset is None:
@@ -78,7 +80,7 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
             "device": str(device), "precision": resolved_precision(device, config.precision)})
         # A run cut off before its first epoch ended has no last.pt: it simply starts again.
         history = fit(config, dataset, run_dir, resume=resume and (run_dir / runs.LAST).is_file(),
-                      progress=progress, on_epoch=on_epoch)
+                      on_step=on_step, on_epoch=on_epoch)
         return finish_run(run_dir, dataset, history, device=config.device, precision=config.precision)
 
 

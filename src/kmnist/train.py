@@ -8,6 +8,7 @@ import os
 import time
 import warnings
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -88,6 +89,20 @@ def make_scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer, steps_
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda step: lr_factor(config, step, total, steps_per_epoch))
     return None
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """An optimiser step done, for a progress display."""
+
+    epoch: int
+    step: int  # steps done in this epoch, 1 to steps
+    steps: int  # steps in the epoch
+    loss: float | None  # mean training loss of the epoch so far, every LOSS_EVERY steps; else None
+
+
+StepCallback = Callable[[StepEvent], None]
+LOSS_EVERY = 50
 
 
 def batches_per_epoch(num_images: int, batch_size: int) -> int:
@@ -267,11 +282,10 @@ class Trainer:
                 images = augment(images.float(), self.augment, augment_generator)
             yield normalize(images, **self.normalization), self.train.labels[index]
 
-    def train_epoch(self, epoch: int, progress: bool,
+    def train_epoch(self, epoch: int, on_step: StepCallback | None = None,
                     batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[float, float]:
-        """One pass of optimiser steps; returns (mean loss, accuracy %). `batches` defaults to `self.batches`."""
-        from tqdm import tqdm
-
+        """One pass of optimiser steps; returns (mean loss, accuracy %). `batches` defaults to `self.batches`;
+        `on_step` hears of each step (a progress bar)."""
         config, model, device = self.config, self.model, self.device
         model.train()
         if self.graphed is not None:  # the captured step sums into these; the eager steps below add in place
@@ -280,8 +294,6 @@ class Trainer:
             loss_sum = torch.zeros((), device=device)
             correct = torch.zeros((), device=device)  # float: a mixed image counts for each label by its weight
         seen = 0
-        bar = tqdm(total=self.steps_per_epoch, desc=f"epoch {epoch}/{config.epochs}", leave=False,
-                   disable=None if progress else True, unit="batch", dynamic_ncols=True)
         mixing = (config.mixup > 0 or config.cutmix > 0) and not self.is_clean_epoch(epoch)
         mix_generator = self.generator(epoch, MIX_STREAM)
         for step, (images, labels) in enumerate(self.batches(epoch) if batches is None else batches):
@@ -295,10 +307,9 @@ class Trainer:
                 self.train_step(images, labels, loss_sum, correct)
             self._after_step()
             seen += len(labels)
-            bar.update()
-            if step % 50 == 49 and progress:
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")
-        bar.close()
+            if on_step is not None:  # the running loss only now and then: reading it waits for the device
+                on_step(StepEvent(epoch, step + 1, self.steps_per_epoch,
+                                  float(loss_sum) / seen if step % LOSS_EVERY == LOSS_EVERY - 1 else None))
         return float(loss_sum) / seen, float(correct) / seen * 100
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor, loss_sum: torch.Tensor, correct: torch.Tensor,
@@ -507,8 +518,10 @@ def settle_pending_best(run_dir: Path, finished: int) -> None:
 
 
 def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None, resume: bool = False,
-        progress: bool = True, on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Train `config.model` on `dataset`; returns one dict of metrics per epoch.
+        on_step: StepCallback | None = None,
+        on_epoch: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train `config.model` on `dataset`; returns one dict of metrics per epoch. `on_step` hears of each
+    optimiser step, `on_epoch` gets each finished epoch's row.
 
     With a run_dir, every finished epoch rewrites metrics.csv and last.pt (atomically), and best.pt follows
     the best validation score (accuracy; balanced accuracy for K49), or the last epoch when nothing is
@@ -529,7 +542,7 @@ def fit(config: TrainConfig, dataset: Dataset, run_dir: str | Path | None = None
     for epoch in range(start, config.epochs + 1):
         sync_device(trainer.device)
         started = time.perf_counter()
-        train_loss, train_acc = trainer.train_epoch(epoch, progress)
+        train_loss, train_acc = trainer.train_epoch(epoch, on_step)
         sync_device(trainer.device)
         trained = time.perf_counter()
         if not math.isfinite(train_loss):
