@@ -524,3 +524,20 @@ def test_distillation_settings_without_a_teacher_are_warned_about() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         prepare_run(TrainConfig(), None, resume=False)
+
+
+def test_a_batch_larger_than_the_training_split_is_warned_about(tiny_dataset, tmp_path: Path) -> None:
+    import warnings
+
+    from kmnist.errors import KmnistWarning
+    from kmnist.runner import train_run
+
+    left = len(tiny_dataset.train) - TINY.val_size
+    config = TrainConfig(**{**TINY.to_dict(), "epochs": 1, "batch_size": left + 1})
+    with pytest.warns(KmnistWarning, match=f"--batch-size {left + 1} is more than the {left} training images"):
+        summary = train_run(config, tmp_path / "big", tmp_path, dataset=tiny_dataset)
+    assert runs.read_metrics(tmp_path / "big")[0]["epoch"] == 1 and summary["final_train_acc"] >= 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_run(TrainConfig(**{**config.to_dict(), "batch_size": left}), tmp_path / "whole", tmp_path,
+                  dataset=tiny_dataset)

@@ -66,6 +66,10 @@ def train_run(config: TrainConfig, run_dir: str | Path, data_dir: str | Path, re
     if dataset is None:
         dataset = load_dataset(config.dataset, data_dir, check_md5=check_md5, progress=progress)
     check_val_size(config.val_size, len(dataset.train))  # this needs the dataset's size
+    training_images = len(dataset.train) - config.val_size
+    if not resume and config.batch_size > training_images:
+        warnings.warn(f"--batch-size {config.batch_size} is more than the {training_images} training images: each "
+                      "step takes all of them (one step per epoch)", KmnistWarning)
     if not resume:  # only now: a user mistake found above (no data, a bad option) leaves no run directory behind
         run_dir.mkdir(parents=True, exist_ok=True)
         try:  # claimed only if free: a run started into the same folder meanwhile keeps it
