@@ -175,6 +175,11 @@ def format_setting(value: Any) -> str:
 MAX_SETTING_COLUMNS = 4
 
 
+def setting_columns(varying: list[str]) -> list[str]:
+    """The varying settings that get a column of their own."""
+    return varying if len(varying) <= MAX_SETTING_COLUMNS else [name for name in varying if name == "model"]
+
+
 def changes_from(settings: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
     """The settings that differ from a preset's, in config order. Under another model, its own arguments count
     against that model's defaults (not the preset model's, which it does not have)."""
@@ -218,7 +223,7 @@ def group_runs(all_runs: list[Run]) -> tuple[list[Group], list[str]]:
         group.base, group.changes = nearest_preset(group.settings, presets)
         group.stats = {metric: mean_std([run.summary.get(metric) for run in group.runs]) for metric in METRICS}
     by_preset = all(group.preset for group in ordered) and len(ordered) > 1
-    by_changes = not by_preset and len(varying) > MAX_SETTING_COLUMNS
+    by_changes = not by_preset and setting_columns(varying) != varying
     for group in ordered:
         if by_preset:
             group.label = group.preset
@@ -245,12 +250,11 @@ def collect(paths: Iterable[str | Path]) -> Results:
     paths = list(paths)  # read twice: the runs, then the folders left out
     all_runs = read_runs(paths)
     groups, varying = group_runs(all_runs)
-    columns = varying if len(varying) <= MAX_SETTING_COLUMNS else [name for name in varying if name == "model"]
     hardware = sorted({hardware_summary(env) for run in all_runs if run.complete and run.environment
                        for env in sessions(run.environment)})
     incomplete = [run for run in all_runs if not run.complete]
-    return Results(groups, incomplete, progress=unfinished_histories(incomplete), varying=varying, columns=columns,
-                   hardware=hardware, unreadable=folders_without_config(paths))
+    return Results(groups, incomplete, progress=unfinished_histories(incomplete), varying=varying,
+                   columns=setting_columns(varying), hardware=hardware, unreadable=folders_without_config(paths))
 
 
 def unfinished_histories(incomplete: list[Run]) -> dict[str, list[dict[str, Any]]]:
