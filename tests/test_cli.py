@@ -817,3 +817,46 @@ def test_evaluate_warns_when_a_bf16_checkpoint_would_run_emulated(tiny_checkpoin
     code, _, err = run_cli(["evaluate", str(tiny_checkpoint), "--data-dir", str(data_dir), "--skip-md5", "--precision",
                             "fp32", "--out", str(tmp_path / "f")], capsys)
     assert code == 0 and "emulated" not in err
+
+
+def test_epoch_bars_draw_a_bar_per_epoch_gone_before_the_epochs_line(monkeypatch) -> None:
+    import tqdm
+
+    from kmnist.cli import EpochBars
+    from kmnist.train import StepEvent
+
+    bars = []
+
+    class Bar:  # records what the bars are asked to show
+        def __init__(self, total: int, desc: str, disable: bool | None, **kwargs) -> None:
+            self.total, self.desc, self.disable, self.n, self.postfix, self.closed = total, desc, disable, 0, {}, False
+            bars.append(self)
+
+        def update(self) -> None:
+            self.n += 1
+
+        def set_postfix(self, **values) -> None:
+            self.postfix = values
+
+        def close(self) -> None:
+            self.closed = True
+
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    draw = EpochBars(20)
+    for epoch in (7, 8):  # a resumed run starts part-way
+        for step in (1, 2, 3):
+            draw(StepEvent(epoch, step, 3, 0.25 * epoch if step == 2 else None))
+            assert bars[-1].closed is (step == 3)
+    assert [(bar.desc, bar.total, bar.n, bar.postfix, bar.disable) for bar in bars] == [
+        ("epoch 7/20", 3, 3, {"loss": "1.7500"}, None), ("epoch 8/20", 3, 3, {"loss": "2.0000"}, None)]
+
+
+def test_an_error_in_option_terms_stays_the_same_kind() -> None:
+    from kmnist.cli import in_option_terms
+    from kmnist.errors import DataError, KmnistError
+
+    error = DataError("val_size must be between 0 and 9, got 10")
+    translated = in_option_terms(error, ["seed", "val_size"])
+    assert type(translated) is DataError and str(translated) == "--val-size must be between 0 and 9, got 10"
+    assert in_option_terms(error, ["seed"]) is error  # not given on the command line: its own words
+    assert str(in_option_terms(KmnistError("val_sizes are odd"), ["val_size"])) == "val_sizes are odd"

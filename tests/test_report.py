@@ -82,6 +82,21 @@ def test_a_folder_of_unrelated_runs_is_labelled_by_the_nearest_preset(tmp_path: 
     assert "model_args.width" not in header and "val_size" not in header
 
 
+def test_a_sweep_over_many_settings_keeps_a_column_for_each(tmp_path: Path) -> None:
+    for index, (lr, rotate, weight_decay, label_smoothing, translate) in enumerate(
+            [(0.1, 10.0, 5e-4, 0.1, 2.0), (0.2, 5.0, 1e-3, 0.0, 1.0), (0.2, 10.0, 5e-4, 0.1, 2.0)]):
+        make_run(tmp_path / f"p{index}", preset="cnn-fast-cpu", lr=lr, rotate=rotate, weight_decay=weight_decay,
+                 label_smoothing=label_smoothing, translate=translate)
+    results = collect([tmp_path])
+    assert results.varying == ["label_smoothing", "lr", "rotate", "translate", "weight_decay"]
+    assert results.columns == results.varying  # a sweep, not a folder of unrelated runs
+    assert [group.label for group in results.groups] == [
+        "label_smoothing=0 lr=0.2 rotate=5 translate=1 weight_decay=0.001",
+        "label_smoothing=0.1 lr=0.1 rotate=10 translate=2 weight_decay=0.0005",
+        "label_smoothing=0.1 lr=0.2 rotate=10 translate=2 weight_decay=0.0005"]  # not "cnn-fast-cpu", the preset
+    assert "| configuration | label_smoothing | rotate | translate | weight_decay |" in markdown(results)
+
+
 def test_a_run_saved_before_a_field_existed_has_its_default(tmp_path: Path) -> None:
     make_run(tmp_path / "new", seed=0)
     make_run(tmp_path / "old", seed=1)
@@ -222,6 +237,12 @@ def test_a_bar_counts_the_runs_drawn_on_a_terminal_only(tmp_path: Path, monkeypa
 
         def close(self) -> None:
             self.closed = True
+
+        def __enter__(self) -> "Bar":
+            return self
+
+        def __exit__(self, *exc_info) -> None:
+            self.close()
 
     monkeypatch.setattr(tqdm, "tqdm", Bar)
     make_run(tmp_path / "runs" / "going", lr=0.01, epochs=3, complete=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import json
@@ -135,7 +136,9 @@ def in_option_terms(error: KmnistError, fields: Sequence[str]) -> KmnistError:
     message = str(error)
     for name in sorted(fields, key=len, reverse=True):
         if message.startswith(f"{name} "):
-            return KmnistError(option_flag(name) + message[len(name):])
+            translated = copy.copy(error)  # the same kind of error (a DataError stays one), reworded
+            translated.args = (option_flag(name) + message[len(name):],)
+            return translated
     return error
 
 

@@ -186,26 +186,26 @@ def write_figures(results: Results, out: Path, vs: str | None, progress: bool = 
 
     figures: dict[str, Any] = {"curves": [], "unfinished": []}
     total = len(results.progress) + sum(len(group.runs) for group in results.groups)
-    bar = tqdm(total=total, desc="drawing learning curves", unit="run", leave=False,
-               disable=None if progress else True, dynamic_ncols=True)
-    for run in results.incomplete:
-        history = results.progress.get(run.name)
-        if history:
-            bar.update()
-            path = plots.learning_curves(
-                history, out / CURVES / f"{file_stem(run.name)}.png",
-                title=f"{run.name} ({run.config['model']} on {run.config['dataset']}; unfinished: "
-                      f"{epochs_text(run, history)})",
-                balanced=is_balanced(run.config["dataset"]))
-            figures["unfinished"].append((run.name, epochs_text(run, history), path))
-    for group in results.groups:
-        for run in group.runs:
-            bar.update()
-            path = plots.learning_curves(runs.read_metrics(run.run_dir), out / CURVES / f"{file_stem(run.name)}.png",
-                                         title=f"{run.name} ({run.config['model']} on {run.config['dataset']})",
-                                         balanced=is_balanced(run.config["dataset"]))
-            figures["curves"].append((group.label, run.name, path))
-    bar.close()
+    with tqdm(total=total, desc="drawing learning curves", unit="run", leave=False,
+              disable=None if progress else True, dynamic_ncols=True) as bar:  # closed on an error too
+        for run in results.incomplete:
+            history = results.progress.get(run.name)
+            if history:
+                bar.update()
+                path = plots.learning_curves(
+                    history, out / CURVES / f"{file_stem(run.name)}.png",
+                    title=f"{run.name} ({run.config['model']} on {run.config['dataset']}; unfinished: "
+                          f"{epochs_text(run, history)})",
+                    balanced=is_balanced(run.config["dataset"]))
+                figures["unfinished"].append((run.name, epochs_text(run, history), path))
+        for group in results.groups:
+            for run in group.runs:
+                bar.update()
+                path = plots.learning_curves(
+                    runs.read_metrics(run.run_dir), out / CURVES / f"{file_stem(run.name)}.png",
+                    title=f"{run.name} ({run.config['model']} on {run.config['dataset']})",
+                    balanced=is_balanced(run.config["dataset"]))
+                figures["curves"].append((group.label, run.name, path))
     if results.groups:
         figures["overlay"] = plots.overlay_curves([group_curves(group) for group in results.groups], out / OVERLAY)
     setting = versus_field(results, vs)

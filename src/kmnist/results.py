@@ -170,9 +170,9 @@ def format_setting(value: Any) -> str:
 
 
 # Up to this many settings varying between configurations, each is a column and the labels name them all (a sweep:
-# "batch_size=64 lr=0.01"); past it, a folder of unrelated runs, each is labelled by its nearest preset and what
-# differs from it ("cnn-fast-cpu, epochs=30 val_size=0"), and only the model gets a column.
-MAX_SETTING_COLUMNS = 4
+# "batch_size=64 lr=0.01"); past it, a folder of unrelated runs (docs/results/runs: 47), each is labelled by its
+# nearest preset and what differs from it ("cnn-fast-cpu, epochs=30 val_size=0"), and only the model gets a column.
+MAX_SETTING_COLUMNS = 8
 
 
 def setting_columns(varying: list[str]) -> list[str]:
@@ -236,7 +236,8 @@ def group_runs(all_runs: list[Run]) -> tuple[list[Group], list[str]]:
     preset_rank = {name: rank for rank, name in enumerate(REPORTED_MAX_TEST_ACC)}
     all_ranks = {name: rank for rank, name in enumerate(PRESETS)}
     if by_changes:  # each preset with its variations, in the presets' order
-        ordered.sort(key=lambda group: (all_ranks[group.base], len(group.changes), group.label))
+        ordered.sort(key=lambda group: (all_ranks[group.base], len(group.changes),
+                                        [_sortable(group.settings.get(name)) for name in varying]))
     else:
         ordered.sort(key=lambda group: (preset_rank.get(group.preset, len(preset_rank)) if by_preset else 0,
                                         [_sortable(group.settings.get(name)) for name in varying]))
